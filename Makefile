@@ -1,0 +1,50 @@
+# sid: `make demo` and `make test` are all a newcomer needs; each target installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.dev-installed-stamp
+SID_DATA_ROOT ?= $(abspath ../shared/data)
+export SID_DATA_ROOT
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: install demo test lint fmt data clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# Test tools and the parity oracles (torch CPU, transformers): only `make test` and `make lint` need them.
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# The main job on the embedded synthetic catalog: train a small Qwen2 from scratch, then rank its test split.
+demo: $(STAMP)
+	$(BIN)/python -m sid.train --config configs/train/cpu/demo.yaml
+
+test: $(DEV_STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -q tests
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check sid tests bench
+	$(BIN)/ruff format --check sid tests bench
+
+fmt: $(DEV_STAMP)
+	$(BIN)/ruff check --fix sid tests bench
+	$(BIN)/ruff format sid tests bench
+
+# For users with internet: the full upstream MiniOneRec data (this team's machines use ../shared/data).
+data:
+	mkdir -p workdir
+	test -d workdir/MiniOneRec || git clone --depth 1 https://github.com/AkaliKong/MiniOneRec workdir/MiniOneRec
+	@echo "Point SID_DATA_ROOT at workdir/MiniOneRec/data/Amazon or set data.dir in your config."
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+include ops/ops.mk

@@ -1,0 +1,169 @@
+"""Config loading: YAML presets validated strictly into frozen dataclasses, then overridden by tyro flags.
+
+A preset is the base; any field can be overridden on the command line:
+
+    python -m sid.train --config configs/train/cpu/smoke.yaml --train.learning-rate 1e-3
+
+Unknown keys, wrong types and bad enum values raise :class:`ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not fit its dataclass; the message names the file and the key."""
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists → tuples, ints → floats)."""
+    origin = get_origin(tp)
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{source}: key '{key}': {why}")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+        return from_dict(tp, value, source=source, prefix=key + ".")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise fail(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise fail("null is not allowed here")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise fail(f"{value!r} matches none of {' | '.join(_type_name(o) for o in options)}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"expected a list, got {type(value).__name__} {value!r}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise fail(f"expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail(f"expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        # YAML reads `1e-3` (no dot) as a string; accept numeric strings for floats only.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise fail(f"unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested mapping; missing keys keep their defaults."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{prefix}{unknown[0]}' (known keys in this section: {', '.join(fields)})"
+        )
+    kwargs = {name: _convert(hints[name], value, prefix + name, source) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or cls.__name__}': {e}") from e
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Load a YAML preset into `cls`, rejecting unknown keys, wrong types and bad enum values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return from_dict(cls, data, source=str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A dataclass as plain YAML/JSON-ready data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def cli(cls: type[T], *, args: list[str] | None = None, description: str | None = None) -> T:
+    """Parse `--config PRESET.yaml` (optional, the base) then every dataclass field as a flag (tyro).
+
+    `--help` lists every field with the help text of its docstring.
+    """
+    import tyro
+
+    argv = list(sys.argv[1:] if args is None else args)
+    base = cls()
+    config_path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+            del argv[i : i + 2]
+            break
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+            del argv[i]
+            break
+    if config_path is not None:
+        base = load_yaml(cls, config_path)
+    doc = (description or (cls.__doc__ or "")).strip()
+    doc += "\n\nStart from a YAML preset with --config PATH; every flag below overrides it."
+    return tyro.cli(cls, default=base, args=argv, description=doc)

@@ -1,0 +1,30 @@
+"""EvalConfig: trie-constrained beam search and ranking metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Generative-retrieval evaluation: beams over the SID trie, HR@K / NDCG@K."""
+
+    enabled: bool = True
+    """Evaluate (after training, for sid.train)."""
+    split: Literal["valid", "test"] = "test"
+    """Which split to rank."""
+    num_beams: int = 50
+    """Beams; may exceed the first-level codes (impossible beams score -inf)."""
+    topk: tuple[int, ...] = (1, 3, 5, 10, 20, 50)
+    """K values of HR@K and NDCG@K (each ≤ num_beams)."""
+    per_device_batch_size: int = 8
+    """Prompts per device per decode batch."""
+    max_samples: int = 0
+    """Evaluate only the first N samples (0: all)."""
+    prompt_buckets: tuple[int, ...] = (128, 256, 512)
+    """Prompt lengths padded to (left padding); each compiles once."""
+    checkpoint: str = ""
+    """sid.eval: run directory (or checkpoint step directory) to evaluate; empty: the config's own model."""
+    predictions_file: str = "predictions.json"
+    """Predictions in MiniOneRec calc.py schema, inside the run directory."""

@@ -1,0 +1,133 @@
+"""The device mesh (axes dp, fsdp, tp) and the rules that shard params, optimizer state and batches over it.
+
+Params: tp splits attention heads and MLP width (column-parallel q/k/v/gate/up/c_attn/c_fc on their output dim,
+row-parallel o/down/c_proj on their input dim, embeddings on the vocab dim); fsdp then splits the largest remaining
+dimension it divides. The leading layer axis of scanned stacks is never split. Batches split over (dp, fsdp).
+Optimizer-state leaves take the sharding of the param whose path they end with (moments mirror params).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("dp", "fsdp", "tp")
+BATCH_AXES = ("dp", "fsdp")
+_COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc"}
+_ROW_PARALLEL = {"o_proj", "down_proj", "c_proj"}
+_VOCAB = {"embed", "lm_head", "wte"}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh. 0 means auto: fsdp over the local devices (divided by tp) and dp over hosts."""
+
+    dp: int = 0
+    """Data-parallel replicas."""
+    fsdp: int = 0
+    """Fully-sharded data-parallel axis (params and optimizer state sharded on their large dimension)."""
+    tp: int = 1
+    """Tensor-parallel axis (attention heads and MLP width)."""
+    distributed: bool = False
+    """Call jax.distributed.initialize() first (multi-host pod slices)."""
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A (dp, fsdp, tp) mesh over `devices` (default: all), resolving the auto (0) axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    n, tp = len(devices), cfg.tp
+    if cfg.dp and cfg.fsdp:
+        dp, fsdp = cfg.dp, cfg.fsdp
+        devices = devices[: dp * fsdp * tp] if dp * fsdp * tp < n else devices  # fully explicit: use that many
+        n = len(devices)
+    elif cfg.fsdp:
+        dp, fsdp = n // max(1, cfg.fsdp * tp), cfg.fsdp
+    else:
+        dp = cfg.dp or jax.process_count()
+        fsdp = n // max(1, dp * tp)
+    if dp * fsdp * tp != n:
+        raise ValueError(
+            f"mesh: dp={cfg.dp or 'auto'} x fsdp={cfg.fsdp or 'auto'} x tp={tp} does not fit {n} devices "
+            f"(resolved dp={dp}, fsdp={fsdp})"
+        )
+    return Mesh(np.asarray(devices).reshape(dp, fsdp, tp), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis over dp x fsdp; everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of batch shards."""
+    return mesh.shape["dp"] * mesh.shape["fsdp"]
+
+
+def _names(path) -> list[str]:
+    out = []
+    for k in path:
+        name = getattr(k, "name", None) or getattr(k, "key", None)
+        if isinstance(name, str):
+            out.append(name)
+    return out
+
+
+def _param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    names = _names(path)
+    stacked = "layers" in names
+    spec: list = [None] * len(shape)
+    first = 1 if stacked else 0
+    if len(shape) - first < 1:
+        return PartitionSpec(*spec)
+    tp, fsdp = mesh.shape["tp"], mesh.shape["fsdp"]
+    owner = next((n for n in reversed(names) if n in _COLUMN_PARALLEL | _ROW_PARALLEL | _VOCAB), None)
+    tp_dim = None
+    if owner in _COLUMN_PARALLEL:
+        tp_dim = len(shape) - 2 if names[-1] == "weight" else len(shape) - 1
+    elif owner in _ROW_PARALLEL and names[-1] == "weight":
+        tp_dim = len(shape) - 1
+    elif owner in _VOCAB:
+        tp_dim = first
+    if tp > 1 and tp_dim is not None and tp_dim >= first and shape[tp_dim] % tp == 0:
+        spec[tp_dim] = "tp"
+    if fsdp > 1:
+        free = [d for d in range(first, len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
+        if free:
+            spec[max(free, key=lambda d: shape[d])] = "fsdp"
+    return PartitionSpec(*spec)
+
+
+def param_shardings(tree, mesh: Mesh):
+    """NamedShardings for every array leaf of a param pytree (non-arrays map to None)."""
+
+    def one(path, leaf):
+        if not hasattr(leaf, "shape"):
+            return None
+        return NamedSharding(mesh, _param_spec(path, tuple(leaf.shape), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_shardings(state, params, mesh: Mesh):
+    """Shardings for an optimizer state: a leaf whose path ends with a param's path (and has its shape)
+    is sharded like that param; every other leaf (counts, scalars) is replicated."""
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if hasattr(leaf, "shape"):
+            by_path[tuple(_names(path))] = (tuple(leaf.shape), _param_spec(path, tuple(leaf.shape), mesh))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        if not hasattr(leaf, "shape"):
+            return None
+        names = tuple(_names(path))
+        for start in range(len(names)):
+            hit = by_path.get(names[start:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return NamedSharding(mesh, hit[1])
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, state)

@@ -1,0 +1,142 @@
+"""Building blocks shared by the model families: Linear, Embedding, RMSNorm, LayerNorm, RoPE, and running a
+stack of layers with `jax.lax.scan` under a remat policy.
+
+Numerics convention: parameters are stored in float32; a layer computes in the dtype of its input (the model's
+compute dtype, cast once at the embedding), while norms and RoPE compute in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+"""Config dtype names to JAX dtypes."""
+
+
+class Linear(eqx.Module):
+    """`x @ weight.T + bias` with `weight` stored (out, in) like torch and `eqx.nn.Linear`."""
+
+    weight: Float[Array, "out in"]
+    bias: Float[Array, " out"] | None
+
+    @staticmethod
+    def init(in_features: int, out_features: int, *, bias: bool, std: float, key: PRNGKeyArray) -> Linear:
+        """Weight ~ N(0, std), bias zero (the GPT-2/Qwen2 init)."""
+        weight = std * jax.random.normal(key, (out_features, in_features), jnp.float32)
+        return Linear(weight, jnp.zeros((out_features,), jnp.float32) if bias else None)
+
+    def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
+        """Apply in the input's dtype (weights are cast, not the activations)."""
+        y = x @ self.weight.astype(x.dtype).T
+        return y if self.bias is None else y + self.bias.astype(x.dtype)
+
+
+class Embedding(eqx.Module):
+    """A lookup table `weight[V, D]`."""
+
+    weight: Float[Array, "vocab embed"]
+
+    @staticmethod
+    def init(num_embeddings: int, dim: int, *, std: float, key: PRNGKeyArray) -> Embedding:
+        """Rows ~ N(0, std)."""
+        return Embedding(std * jax.random.normal(key, (num_embeddings, dim), jnp.float32))
+
+    def __call__(self, ids: Int[Array, "..."], dtype: Any) -> Float[Array, "... embed"]:
+        """Rows for `ids`, cast to `dtype` (the model's compute dtype)."""
+        return jnp.take(self.weight, ids, axis=0).astype(dtype)
+
+
+class RMSNorm(eqx.Module):
+    """Root-mean-square norm with a learned scale, computed in float32."""
+
+    weight: Float[Array, " dim"]
+    eps: float = eqx.field(static=True)
+
+    @staticmethod
+    def init(dim: int, eps: float) -> RMSNorm:
+        """Unit scale."""
+        return RMSNorm(jnp.ones((dim,), jnp.float32), eps)
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        """Normalise over the last axis; the result has the input's dtype."""
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (self.weight * y).astype(x.dtype)
+
+
+class LayerNorm(eqx.Module):
+    """LayerNorm with a learned scale and an optional bias (nanoGPT's `bias=False`), computed in float32."""
+
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"] | None
+    eps: float = eqx.field(static=True)
+
+    @staticmethod
+    def init(dim: int, *, bias: bool, eps: float = 1e-5) -> LayerNorm:
+        """Unit scale, zero bias."""
+        return LayerNorm(jnp.ones((dim,), jnp.float32), jnp.zeros((dim,), jnp.float32) if bias else None, eps)
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        """Normalise over the last axis; the result has the input's dtype."""
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y.astype(x.dtype)
+
+
+def rope_cos_sin(
+    positions: Int[Array, "*batch seq"], head_dim: int, theta: float
+) -> tuple[Float[Array, "*batch seq half"], Float[Array, "*batch seq half"]]:
+    """cos/sin of the rotary angles `position * theta^(-2i/head_dim)` in float32, one pair per position."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(
+    x: Float[Array, "*batch seq heads head_dim"],
+    cos: Float[Array, "*batch seq half"],
+    sin: Float[Array, "*batch seq half"],
+) -> Float[Array, "*batch seq heads head_dim"]:
+    """Rotate the two halves of each head (the HF/Qwen "rotate_half" layout, not interleaved pairs)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+Remat = Literal["none", "full", "dots"]
+
+
+def scan_layers(
+    fn: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any, layers: eqx.Module, xs: Any = None, *, remat: Remat
+) -> tuple[Any, Any]:
+    """Run `fn(layer, carry, x) -> (carry, y)` over a stacked layer module (every array leaf has a leading
+    [num_layers] axis) and per-layer inputs `xs`, with one traced layer so compile time does not grow with depth.
+
+    remat: 'none' keeps every activation for the backward pass; 'full' keeps only each layer's input and
+    recomputes the rest; 'dots' keeps the weight matmul outputs and recomputes the cheap elementwise ops and the
+    attention scores (which scale with sequence length squared).
+    """
+    params, static = eqx.partition(layers, eqx.is_array)
+
+    def step(carry, inputs):
+        layer_params, x = inputs
+        return fn(eqx.combine(layer_params, static), carry, x)
+
+    if remat == "full":
+        step = jax.checkpoint(step, prevent_cse=False)
+    elif remat == "dots":
+        step = jax.checkpoint(step, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    elif remat != "none":
+        raise ValueError(f"unknown remat policy {remat!r}: expected 'none', 'full' or 'dots'")
+    return jax.lax.scan(step, carry, (params, xs))

@@ -1,0 +1,157 @@
+"""`python -m sid.nanogpt`: Karpathy's nanoGPT on character-level Tiny Shakespeare, on the shared trainer.
+
+The regression workload: same trainer, optimizers, checkpoints and logging as SFT. Keeps the best model by
+held-out loss, samples text from it, and writes run_summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sid.config import cli
+from sid.data.chars import CharBatchIterator, CharData
+from sid.jobs import NanoGPTJob, SampleConfig
+from sid.loss import cross_entropy_sum
+from sid.mesh import data_parallel_size, make_mesh
+from sid.models.nanogpt import GPT
+from sid.optim.routing import routing_table
+from sid.optim.schedule import make_schedule
+from sid.run import RunDir, load_dotenv
+from sid.tracking import Tracker
+from sid.trainer import fit
+
+log = logging.getLogger("sid")
+_COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def gpt_loss(model: GPT, batch, key):
+    """Sum of next-character losses (dropout active: a key is always given in training)."""
+    dropout_key = key if model.config.dropout > 0 else None
+    hidden = model(batch["input_ids"], key=dropout_key)
+    return cross_entropy_sum(hidden, model.head_weight(), batch["targets"], valid_vocab=model.config.vocab_size,
+                             compute_dtype=_COMPUTE[model.config.compute_dtype])
+
+
+def flops_per_token(model: GPT) -> float:
+    """Karpathy's estimate: 6N for the matmuls (position embeddings excluded) + 12·L·D·T for attention."""
+    c = model.config
+    n = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) - model.wpe.size
+    return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
+
+
+def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int):
+    """Mean held-out loss over `eval_loss_batches` fixed batches (same batches every call: deterministic)."""
+
+    @eqx.filter_jit
+    def batch_loss(model, x, y):
+        total, n = gpt_loss(model, {"input_ids": x, "targets": y}, None)
+        return total / n
+
+    def estimate(model, step: int, split: str = "val") -> float:
+        losses = []
+        for i in range(job.train.eval_loss_batches):
+            x, y = data.get_batch(split, rows, job.model.block_size, seed=job.train.seed + 1, step=i)
+            losses.append(float(batch_loss(model, jnp.asarray(x), jnp.asarray(y))))
+        return float(np.mean(losses))
+
+    return estimate
+
+
+def sample(model: GPT, data: CharData, cfg: SampleConfig, *, seed: int) -> list[str]:
+    """Autoregressive sampling with temperature and top-k over a sliding block_size window."""
+    block = model.config.block_size
+
+    @eqx.filter_jit
+    def next_logits(model, window, last):
+        hidden = model(window[None])
+        return model.logits(hidden[0, last])
+
+    key = jax.random.key(seed)
+    out = []
+    for _ in range(cfg.num_samples):
+        ids = list(data.codec.encode(cfg.prompt))
+        for _ in range(cfg.max_new_tokens):
+            ctx = ids[-block:]
+            window = np.zeros(block, np.int32)
+            window[: len(ctx)] = ctx  # causal: positions after the context do not affect its logits
+            logits = next_logits(model, jnp.asarray(window), len(ctx) - 1) / cfg.temperature
+            if cfg.top_k:
+                kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][-1]
+                logits = jnp.where(logits < kth, -jnp.inf, logits)
+            key, sub = jax.random.split(key)
+            ids.append(int(jax.random.categorical(sub, logits)))
+        out.append(data.codec.decode(np.asarray(ids)))
+    return out
+
+
+def run_nanogpt(job: NanoGPTJob) -> dict:
+    """Train, keep the best model by held-out loss, sample from it; returns run_summary.json's content."""
+    if job.mesh.distributed:
+        jax.distributed.initialize()
+    load_dotenv()
+    run = RunDir(job.train.output_dir, job)
+    mesh = make_mesh(job.mesh)
+    data = CharData.load(job.data)
+    gcfg = dataclasses.replace(job.model, vocab_size=job.model.vocab_size or data.codec.vocab_size)
+    model = GPT.init(gcfg, key=jax.random.key(gcfg.seed))
+    log.info("nanoGPT: %.2fM parameters (excluding position embeddings)", model.num_params() / 1e6)
+    rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
+    steps = job.train.max_steps or int(job.train.epochs * len(data.splits["train"]) / (rows * gcfg.block_size))
+    batches = CharBatchIterator(data, "train", rows, gcfg.block_size, job.train.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    lr = make_schedule(job.train.learning_rate, warmup_steps=job.train.warmup_steps, total_steps=steps,
+                       kind=job.train.schedule, min_lr_ratio=job.train.min_lr_ratio)
+    aux_lr = make_schedule(job.train.aux_learning_rate, warmup_steps=job.train.warmup_steps, total_steps=steps,
+                           kind=job.train.schedule, min_lr_ratio=job.train.min_lr_ratio)
+    optimizer = job.optimizer.build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=job.train.clip_norm)
+    log.info("optimizer %s routing:\n%s", job.optimizer.name, routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name))
+    eval_loss = make_eval_loss(data, job, rows)
+    best = {"loss": float("inf"), "step": None}
+    best_path = run.path / "best_model.eqx"
+
+    def keep_best(step: int, loss: float, current) -> None:
+        if loss < best["loss"]:
+            best.update(loss=loss, step=step)
+            if run.main:
+                eqx.tree_serialise_leaves(best_path, current)
+
+    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
+    model, train = fit(model=model, loss_fn=gpt_loss, optimizer=optimizer, lr_schedule=lr, batches=batches,
+                       total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
+                       flops_per_token=flops_per_token(model), eval_loss=eval_loss, on_eval=keep_best)
+    if job.train.eval_loss_every and train["final_step"] % job.train.eval_loss_every:
+        keep_best(train["final_step"], eval_loss(model, train["final_step"]), model)
+    best_model = eqx.tree_deserialise_leaves(best_path, model) if best_path.is_file() else model
+    texts = sample(best_model, data, job.sample, seed=job.train.seed)
+    if run.main:
+        (run.path / "samples.txt").write_text("\n\n---\n\n".join(texts))
+    log.info("sample from the best model (step %s):\n%s", best["step"], texts[0] if texts else "")
+    summary_train = {
+        **train,
+        "final_train_loss": train["final_loss"],
+        "best_eval_loss": best["loss"] if best["step"] is not None else None,
+        "best_eval_step": best["step"],
+        "ms_per_iter": 1000 * train["step_time_s"] if train["step_time_s"] else None,
+        "effective_batch_size": rows,
+    }
+    run.update(train=summary_train)
+    tracker.summary({"best_eval_loss": summary_train["best_eval_loss"]})
+    tracker.finish()
+    return run.summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    job = cli(NanoGPTJob, args=argv)
+    run_nanogpt(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""OptimizerConfig: which update rule, with what hyperparameters; `build()` returns an optax transformation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer. Under Muon, 2-D hidden matrices take Muon at the train learning rate and everything else
+    (embeddings, LM head, norms, biases) takes AdamW at the aux learning rate."""
+
+    name: Literal["adamw", "muon_local", "muon_optax"] = "adamw"
+    """adamw; muon_local (this package's Muon); muon_optax (optax.contrib.muon)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay on matrices (ndim ≥ 2); norms, biases and vectors are never decayed."""
+    aux_weight_decay: float = 0.0
+    """Decoupled weight decay of the AdamW branch under Muon (matrices only: embeddings, LM head)."""
+    momentum: float = 0.95
+    """Muon momentum."""
+    nesterov: bool = True
+    """Muon Nesterov momentum."""
+    ns_steps: int = 5
+    """Newton–Schulz iterations."""
+    ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Newton–Schulz matmul dtype of muon_local (bfloat16 as in Keller Jordan's reference; muon_optax uses float32)."""
+
+    def __post_init__(self):
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"beta1, beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.eps <= 0.0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0.0 or self.aux_weight_decay < 0.0:
+            raise ValueError(f"weight decays must be >= 0, got {self.weight_decay}, {self.aux_weight_decay}")
+        if self.ns_steps < 1:
+            raise ValueError(f"ns_steps must be >= 1, got {self.ns_steps}")
+
+    def build(
+        self,
+        *,
+        learning_rate: optax.ScalarOrSchedule,
+        aux_learning_rate: optax.ScalarOrSchedule,
+        clip_norm: float,
+    ) -> optax.GradientTransformation:
+        """The optax transformation: cast grads to float32, clip their global norm to `clip_norm` (0: no clip),
+        then the update rule. Under `adamw` every parameter uses `learning_rate` and `aux_learning_rate` is unused;
+        under the Muons, hidden matrices use `learning_rate` and the rest `aux_learning_rate` (routing.py)."""
+        if clip_norm < 0:
+            raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+        adam_kw = dict(b1=self.beta1, b2=self.beta2, eps=self.eps)
+        muon_kw = dict(momentum=self.momentum, nesterov=self.nesterov, ns_steps=self.ns_steps)
+        if self.name == "adamw":
+            from sid.optim.adamw import adamw
+
+            rule = adamw(learning_rate, **adam_kw, weight_decay=self.weight_decay)
+        elif self.name == "muon_local":
+            from sid.optim.muon import muon
+
+            rule = muon(
+                learning_rate,
+                aux_learning_rate,
+                **muon_kw,
+                ns_dtype=self.ns_dtype,
+                weight_decay=self.weight_decay,
+                **adam_kw,
+                aux_weight_decay=self.aux_weight_decay,
+            )
+        elif self.name == "muon_optax":
+            from sid.optim.muon_optax import muon
+
+            rule = muon(
+                learning_rate,
+                aux_learning_rate,
+                **muon_kw,
+                weight_decay=self.weight_decay,
+                **adam_kw,
+                aux_weight_decay=self.aux_weight_decay,
+            )
+        else:
+            raise ValueError(f"unknown optimizer {self.name!r}")
+        # Clip (and run every moment update) in float32 even if the grads arrive in bfloat16.
+        upcast = optax.stateless(lambda g, _: jax.tree.map(lambda x: x.astype(jnp.float32), g))
+        clip = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+        return optax.chain(upcast, *clip, rule)

@@ -1,0 +1,87 @@
+"""Which update rule and which weight decay each parameter gets, decided from its pytree path and shape.
+
+The contract shared with the models: a parameter is a *hidden matrix* (→ Muon) iff its path goes through a field
+named ``layers`` (the stacked, scanned decoder blocks) and it has ndim == 3, i.e. ``[num_layers, out, in]``.
+Everything else — token/position embeddings, the LM head, norms, biases — goes to AdamW (at the aux learning rate
+under Muon). Weight decay applies to matrices only: a leaf whose per-layer shape (the shape without the leading
+layer axis when it sits under ``layers``) has ndim ≥ 2. Stacked norms ``[L, D]`` and biases ``[L, out]`` are
+therefore never decayed, although they are 2-D arrays.
+
+Works on any pytree whose keys have names: Equinox modules (``GetAttrKey``), dicts (``DictKey``), and whatever
+optax inserts in between (``MaskedNode`` subtrees have no leaves and are left alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+MUON = "muon"
+ADAMW = "adamw"
+
+
+def _key_name(key: Any) -> str | None:
+    """The field/key name of one path entry (None for sequence indices)."""
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    return None
+
+
+def _under_layers(path: tuple[Any, ...]) -> bool:
+    return any(_key_name(k) == "layers" for k in path)
+
+
+def _is_hidden_matrix(path: tuple[Any, ...], leaf: Any) -> bool:
+    return _under_layers(path) and np.ndim(leaf) == 3
+
+
+def _is_matrix(path: tuple[Any, ...], leaf: Any) -> bool:
+    per_layer_ndim = np.ndim(leaf) - (1 if _under_layers(path) else 0)
+    return per_layer_ndim >= 2
+
+
+def label_params(params: Any) -> Any:
+    """A pytree like `params` with ``'muon'`` at every hidden matrix and ``'adamw'`` at every other leaf."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: MUON if _is_hidden_matrix(p, x) else ADAMW, params)
+
+
+def decay_mask(params: Any) -> Any:
+    """A pytree like `params` with True where decoupled weight decay applies (matrices), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(_is_matrix, params)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+    """A dotted, human-readable parameter path, e.g. ``layers.attn.q_proj.weight``."""
+    parts = []
+    for k in path:
+        name = _key_name(k)
+        parts.append(name if name is not None else str(getattr(k, "idx", k)))
+    return ".".join(parts)
+
+
+def routing_table(params: Any, *, optimizer: Literal["adamw", "muon_local", "muon_optax"] = "muon_local") -> str:
+    """A printable table of every parameter: path, shape, update rule, learning-rate group, weight decay.
+
+    Under ``adamw`` every leaf takes AdamW at the train learning rate (``lr``); under the Muon optimizers hidden
+    matrices take Muon at ``lr`` and the rest AdamW at ``aux_lr``. The last line counts parameters per group.
+    """
+    muon = optimizer != "adamw"
+    rows = [("param", "shape", "group", "lr group", "decay")]
+    counts: dict[str, int] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        hidden = muon and _is_hidden_matrix(path, leaf)
+        group = MUON if hidden else ADAMW
+        lr_group = "lr" if hidden or not muon else "aux_lr"
+        rows.append(
+            (path_str(path), str(tuple(np.shape(leaf))), group, lr_group, "yes" if _is_matrix(path, leaf) else "no")
+        )
+        counts[group] = counts.get(group, 0) + int(np.size(leaf))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(", ".join(f"{g}: {n:,} params" for g, n in sorted(counts.items())))
+    return "\n".join(lines)

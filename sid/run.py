@@ -1,0 +1,135 @@
+"""The run directory: resolved config, log file, run_summary.json; plus .env secrets loading.
+
+Only process 0 writes (multi-host runs share a filesystem or each host keeps its own copy of nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sid.config import dump_yaml, to_dict
+
+log = logging.getLogger("sid")
+
+_VERSIONED = ("jax", "jaxlib", "equinox", "optax", "grain", "orbax-checkpoint", "tokenizers", "safetensors", "tyro",
+              "numpy")
+
+
+def is_main_process() -> bool:
+    """True on process 0 (or when jax is not initialised for several processes)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def load_dotenv(paths: list[Path] | None = None) -> list[str]:
+    """Set variables from .env files (repo root, then ~/.env) without overriding ones already set.
+
+    Returns the names that were set (never the values: secrets must not reach logs or summaries).
+    """
+    if paths is None:
+        paths = [Path(__file__).resolve().parent.parent / ".env", Path.home() / ".env"]
+    set_names = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        for raw in path.read_text().splitlines():
+            line = raw.strip().removeprefix("export ").strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            name, value = (s.strip() for s in line.split("=", 1))
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            if name and name not in os.environ:
+                os.environ[name] = value
+                set_names.append(name)
+    return set_names
+
+
+def git_sha() -> str | None:
+    """The source tree's commit (with '-dirty' when it has uncommitted changes), or None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide numerics and APIs."""
+    out = {"python": sys.version.split()[0]}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class RunDir:
+    """A run directory. Creating it writes config_resolved.yaml and starts the log file."""
+
+    def __init__(self, path: str | Path, config: Any, *, log_name: str = "train.log"):
+        self.path = Path(path)
+        self.config = config
+        self.summary: dict[str, Any] = {}
+        self.main = is_main_process()
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            dump_yaml(config, self.path / "config_resolved.yaml")
+        setup_logging(self.path / log_name if self.main else None)
+        self.summary.update(config=to_dict(config), git_sha=git_sha(), versions=package_versions())
+
+    def update(self, **sections: Any) -> None:
+        """Merge sections into run_summary.json and rewrite it (so a crashed run keeps what it had)."""
+        self.summary.update(sections)
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        if self.main:
+            tmp = self.path / "run_summary.json.tmp"
+            tmp.write_text(json.dumps(self.summary, indent=2, sort_keys=False, default=_jsonable))
+            tmp.replace(self.path / "run_summary.json")
+
+    def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
+        """One JSON line per logged step (the loss curve that reports plot)."""
+        if self.main:
+            with open(self.path / name, "a") as f:
+                f.write(json.dumps(record, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def setup_logging(log_file: Path | None) -> None:
+    """Log INFO to stderr and, on the main process, to `log_file` (appending across resumes)."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        log.addHandler(fh)

@@ -1,0 +1,128 @@
+"""`python -m sid.train`: SID supervised fine-tuning of a Qwen2 model, then (eval.enabled) ranking evaluation.
+
+Data → tokenizer with SID tokens → model (HF checkpoint or scratch, vocab resized and padded) → packed batches →
+the shared trainer → HF export of the final model (RUN_DIR/model) → trie-constrained beam-search eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from sid.compat.hf import export_qwen2
+from sid.config import cli
+from sid.data.config import TokenizerConfig
+from sid.data.pipeline import BatchPlan
+from sid.data.tasks import build_sft_samples, encode, load_split, synthetic_dir
+from sid.data.tokenizer import SIDTokenizer, build_tokenizer
+from sid.jobs import TrainJob
+from sid.loss import cross_entropy_sum
+from sid.mesh import data_parallel_size, make_mesh
+from sid.models.build import build_model, flops_per_token, num_params, token_extension
+from sid.models.qwen2 import Qwen2
+from sid.optim.routing import routing_table
+from sid.optim.schedule import make_schedule
+from sid.paths import resolve
+from sid.run import RunDir, load_dotenv
+from sid.tracking import Tracker
+from sid.trainer import fit
+
+log = logging.getLogger("sid")
+_COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def sft_loss(model: Qwen2, batch, key):
+    """Sum of next-token losses over supervised (completion) tokens of a packed batch."""
+    hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    return cross_entropy_sum(hidden, model.head_weight(), batch["targets"], valid_vocab=model.valid_vocab,
+                             compute_dtype=_COMPUTE[model.config.compute_dtype])
+
+
+def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
+    """The tokenizer files: `tokenizer.path`, or the dataset's own directory when it is empty."""
+    return data_dir if not cfg.path else resolve(cfg.path, data_root)
+
+
+def dataset_dir(job, run_dir: Path | None) -> Path:
+    """Where the split files are (synthetic data is written under the run directory)."""
+    if job.data.source == "synthetic":
+        return synthetic_dir(job.data, run_dir)
+    return resolve(job.data.dir, job.data.data_root)
+
+
+def load_tokenizer(cfg: TokenizerConfig, catalog, data_dir: Path, data_root: str) -> SIDTokenizer:
+    path = tokenizer_dir(cfg, data_dir, data_root)
+    return build_tokenizer(dataclasses.replace(cfg, path=str(path.absolute())), catalog.sid_tokens())
+
+
+def run_train(job: TrainJob) -> dict:
+    """Train (and evaluate); returns run_summary.json's content."""
+    if job.mesh.distributed:
+        jax.distributed.initialize()
+    load_dotenv()
+    run = RunDir(job.train.output_dir, job)
+    mesh = make_mesh(job.mesh)
+    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
+
+    rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
+    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
+    model, vocab_resize = build_model(job.model, tok)
+    log.info("model: %.1fM params, vocab %d rows (%d real); tokenizer %d base + %d SID tokens",
+             num_params(model) / 1e6, vocab_resize["rows"], model.valid_vocab, tok.base_vocab_size,
+             tok.vocab_size - tok.base_vocab_size)
+    run.update(token_extension=token_extension(tok), vocab_resize=vocab_resize,
+               data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
+
+    samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
+    global_rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
+    plan = BatchPlan(samples, lambda s: encode(s, tok, job.data.max_len), rows_per_step=global_rows,
+                     max_len=job.data.max_len, pack=job.data.pack, buckets=job.data.length_buckets)
+    steps = job.train.max_steps or math.ceil(job.train.epochs * plan.steps_per_epoch)
+    log.info("data: %d samples, %d steps/epoch of %d rows, %d steps", len(samples), plan.steps_per_epoch,
+             global_rows, steps)
+    run.update(data={**run.summary["data"], "samples": len(samples), **plan.summary()})
+    batches = plan.train_iterator(seed=job.train.seed, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+
+    schedule = dict(warmup_steps=job.train.warmup_steps, total_steps=steps, kind=job.train.schedule,
+                    min_lr_ratio=job.train.min_lr_ratio)
+    lr = make_schedule(job.train.learning_rate, **schedule)
+    aux_lr = make_schedule(job.train.aux_learning_rate, **schedule)
+    optimizer = job.optimizer.build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=job.train.clip_norm)
+    log.info("optimizer %s routing:\n%s", job.optimizer.name, routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name))
+
+    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
+    model, train = fit(model=model, loss_fn=sft_loss, optimizer=optimizer, lr_schedule=lr, batches=batches,
+                       total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
+                       flops_per_token=flops_per_token(model, job.data.max_len))
+    train.update(effective_batch_size=global_rows, steps_per_epoch=plan.steps_per_epoch)
+    run.update(train=train)
+    if train.get("preempted_at") is not None:
+        tracker.finish()
+        return run.summary
+    if run.main:
+        export_qwen2(model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
+    if job.eval.enabled:
+        from sid.eval.runner import evaluate
+
+        metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker)
+        run.update(eval=metrics)
+    tracker.finish()
+    return run.summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    job = cli(TrainJob, args=argv)
+    run_train(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The one training loop (SFT and nanoGPT share it): a jitted, sharded, donated step with in-step gradient
+accumulation; logging, progress bar, W&B; orbax checkpoints with exact resume; SIGTERM and NaN handling."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array
+
+from sid.checkpoint import Checkpointer, abstract_like
+from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_shardings
+from sid.run import RunDir
+from sid.tracking import Tracker
+from sid.trainer_config import TrainConfig
+
+log = logging.getLogger("sid")
+
+LossFn = Callable[[Any, dict[str, Array], Array], tuple[Array, Array]]
+"""(model, micro-batch, dropout key) -> (sum of token losses, number of supervised tokens)."""
+
+
+class BatchIterator(Protocol):
+    """What the trainer consumes: host-local numpy batches and a JSON-able state for exact resume."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+    def get_state(self) -> dict[str, Any]: ...
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainState(eqx.Module):
+    """Everything a step changes: params (array leaves of the model), optimizer state, step, base RNG key."""
+
+    params: Any
+    opt_state: Any
+    step: Array
+    key: Array
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/Inf; training stopped and the last good checkpoint was kept."""
+
+
+_PEAK_FLOPS = {  # dense bf16 per device
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v6": 918e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5": 459e12,
+    "tpu v4": 275e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    """Peak bf16 FLOP/s of the local device kind, or None where unknown (e.g. CPU): MFU is then not reported."""
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)
+
+
+def _accumulate(params_static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh):
+    """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32)."""
+    static = params_static
+
+    def micro(carry, xs):
+        g_acc, l_acc, n_acc = carry
+        mb, k = xs
+        mb = jax.lax.with_sharding_constraint(mb, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+
+        def f(p):
+            return loss_fn(eqx.combine(p, static), mb, k)
+
+        (l, n), g = jax.value_and_grad(f, has_aux=True)(params)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        return (g_acc, l_acc + l, n_acc + n), None
+
+    # Each device's contiguous rows hold all micro-batches, so splitting them needs no communication.
+    micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (g, l, n), _ = jax.lax.scan(micro, init, (micro_batches, jax.random.split(key, accum)))
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    return jax.tree.map(lambda x: x / denom, g), l / denom, n
+
+
+def make_train_step(static, loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum: int, mesh: Mesh,
+                    state_sharding, lr_schedule: Callable[[Array], Array]):
+    """The jitted step `(state, batch) -> (state, metrics)`; state is donated, batch sharded over (dp, fsdp)."""
+
+    def step(state: TrainState, batch: dict[str, Array]):
+        key = jax.random.fold_in(state.key, state.step)
+        grads, loss, n_tokens = _accumulate(static, loss_fn, state.params, batch, key, accum, mesh)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_schedule(state.step),
+            "supervised_tokens": n_tokens,
+            "tokens": _real_tokens(batch),
+        }
+        return TrainState(params, opt_state, state.step + 1, state.key), metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, None),
+        donate_argnums=0,
+    )
+
+
+def _real_tokens(batch: dict[str, Array]) -> Array:
+    """Non-padding tokens (what tokens/s counts): segment id > 0 where rows are packed or padded."""
+    if "segment_ids" in batch:
+        return (batch["segment_ids"] > 0).sum()
+    return jnp.asarray(batch["input_ids"].size, jnp.int32)
+
+
+def init_state(model, optimizer: optax.GradientTransformation, *, seed: int, mesh: Mesh):
+    """Shard the model's arrays over the mesh and initialise the optimizer state in place (sharded)."""
+    params, static = eqx.partition(model, eqx.is_array)
+    p_shard = param_shardings(params, mesh)
+    params = jax.device_put(params, p_shard)
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    o_shard = state_shardings(abstract_opt, params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=o_shard)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = TrainState(
+        params,
+        opt_state,
+        jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+    )
+    sharding = TrainState(p_shard, o_shard, replicated, replicated)
+    return state, static, sharding
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
+    """Host-local numpy rows -> global jax arrays sharded over (dp, fsdp)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+class _Preemption:
+    """Turns SIGTERM (spot preemption) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            log.warning("SIGTERM received: saving a checkpoint and exiting")
+            self.requested = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def fit(
+    *,
+    model,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    lr_schedule: Callable[[Array], Array],
+    batches: BatchIterator,
+    total_steps: int,
+    cfg: TrainConfig,
+    mesh: Mesh,
+    run: RunDir,
+    tracker: Tracker,
+    flops_per_token: float = 0.0,
+    eval_loss: Callable[[Any, int], float] | None = None,
+    on_eval: Callable[[int, float, Any], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train `model` for `total_steps` optimizer steps; returns the trained model and the `train` summary.
+
+    `eval_loss(model, step)` is called every cfg.eval_loss_every steps and `on_eval(step, loss, model)` after it
+    (e.g. to keep the best model). Resumes from the newest checkpoint when cfg.resume.
+    """
+    accum = cfg.grad_accum_steps
+    state, static, sharding = init_state(model, optimizer, seed=cfg.seed, mesh=mesh)
+    ckpt = Checkpointer(run.path / "checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if cfg.resume and ckpt.latest_step() is not None:
+        start, state, data_state = ckpt.restore(abstract_like(state))
+        batches.set_state(data_state)
+        log.info("resumed from checkpoint step %d", start)
+    elif cfg.resume:
+        log.info("resume requested but %s holds no checkpoint: starting fresh", ckpt.directory)
+    step_fn = make_train_step(static, loss_fn, optimizer, accum=accum, mesh=mesh, state_sharding=sharding,
+                              lr_schedule=lr_schedule)
+    peak = peak_flops_per_device()
+    n_devices = mesh.devices.size
+    summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * accum, "start_step": start}
+    compiled: dict[tuple, Any] = {}
+    compile_s = 0.0
+    tokens_done, timed_s, timed_steps, last_loss = 0, 0.0, 0, float("nan")
+    pending = None  # (step, metrics) of the previous step, fetched one step late to keep dispatch async
+    last_saved = start if start else None
+    bar = None
+    if cfg.progress_bar and run.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train")
+    t_start = time.perf_counter()
+    t_last = t_start
+
+    def save(step_done: int, *, wait: bool = False) -> None:
+        nonlocal last_saved
+        ckpt.save(step_done, state, batches.get_state(), wait=wait)
+        last_saved = step_done
+
+    def finish_pending() -> None:
+        nonlocal pending, tokens_done, timed_s, timed_steps, last_loss, t_last
+        if pending is None:
+            return
+        step_done, metrics = pending
+        pending = None
+        m = jax.device_get(metrics)
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"non-finite loss {loss} at step {step_done}; stopped. Last good checkpoint: "
+                f"{last_saved if last_saved is not None else 'none'} in {ckpt.directory}"
+            )
+        last_loss = loss
+        now = time.perf_counter()
+        dt = now - t_last
+        t_last = now
+        n_tok = int(m["tokens"])
+        if step_done > start + 1:  # the first step includes compilation
+            tokens_done += n_tok
+            timed_s += dt
+            timed_steps += 1
+        tps = tokens_done / timed_s if timed_s > 0 else 0.0
+        mfu = (tps * flops_per_token / (peak * n_devices)) if (peak and flops_per_token) else None
+        if bar is not None:
+            post = {"loss": f"{loss:.4f}", "lr": f"{float(m['lr']):.2e}", "tok/s": f"{tps:,.0f}"}
+            if mfu is not None:
+                post["mfu"] = f"{100 * mfu:.1f}%"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        if step_done % cfg.log_every == 0 or step_done == total_steps:
+            record = {"step": step_done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                      "tokens_per_s": tps, "step_time_s": dt, "mfu": mfu}
+            run.append_metrics(record)
+            tracker.log({"train/loss": loss, "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
+                         "perf/tokens_per_s": tps, **({"perf/mfu": mfu} if mfu is not None else {})}, step_done)
+            if bar is None:
+                log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tok/s %.0f", step_done, total_steps, loss,
+                         record["lr"], record["grad_norm"], tps)
+
+    with _Preemption() as preempt:
+        try:
+            for step in range(start, total_steps):
+                batch = to_global(next(batches), mesh)
+                signature = tuple((k, v.shape) for k, v in sorted(batch.items()))
+                if signature not in compiled:
+                    t0 = time.perf_counter()
+                    compiled[signature] = step_fn.lower(state, batch).compile()
+                    compile_s += time.perf_counter() - t0
+                state, metrics = compiled[signature](state, batch)
+                finish_pending()
+                pending = (step + 1, metrics)
+                done = step + 1
+                if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
+                    finish_pending()
+                    save(done)
+                if cfg.eval_loss_every and eval_loss is not None and done % cfg.eval_loss_every == 0:
+                    finish_pending()
+                    current = eqx.combine(state.params, static)
+                    val = eval_loss(current, done)
+                    log.info("step %d eval loss %.4f", done, val)
+                    run.append_metrics({"step": done, "eval_loss": val})
+                    tracker.log({"eval/loss": val}, done)
+                    if on_eval is not None:
+                        on_eval(done, val, current)
+                if preempt.requested:
+                    finish_pending()
+                    save(done, wait=True)
+                    summary.update(preempted_at=done)
+                    log.warning("preempted: checkpoint %d saved", done)
+                    break
+            finish_pending()
+            final_step = int(jax.device_get(state.step))
+            if cfg.save_last and final_step == total_steps and last_saved != final_step:
+                save(final_step)
+        finally:
+            if bar is not None:
+                bar.close()
+            ckpt.close()
+    wall = time.perf_counter() - t_start
+    summary.update(
+        final_step=int(jax.device_get(state.step)),
+        final_loss=last_loss,
+        tokens_per_s=tokens_done / timed_s if timed_s > 0 else None,
+        step_time_s=timed_s / timed_steps if timed_steps else None,
+        wall_s=wall,
+        compile_s=compile_s,
+        devices=n_devices,
+    )
+    return eqx.combine(state.params, static), summary

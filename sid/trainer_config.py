@@ -1,0 +1,52 @@
+"""TrainConfig: batch sizes, length of training, learning-rate schedule, logging and checkpointing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training run. Effective batch = per_device_batch_size × devices × grad_accum_steps rows."""
+
+    output_dir: str = "runs/sft"
+    """Run directory: config_resolved.yaml, train.log, run_summary.json, checkpoints/."""
+    seed: int = 0
+    """Seed for data order, dropout and from-scratch init."""
+    per_device_batch_size: int = 8
+    """Rows per device per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated (in f32, inside one jitted step) per optimizer step."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps; 0 means from epochs."""
+    learning_rate: float = 3e-4
+    """Peak learning rate (Muon's under the Muon optimizers)."""
+    aux_learning_rate: float = 3e-4
+    """Peak learning rate of the AdamW branch under Muon (embeddings, head, norms, biases)."""
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup steps; the first update's learning rate is peak/(warmup+1), never 0."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    log_every: int = 10
+    """Steps between log lines / W&B points."""
+    eval_loss_every: int = 0
+    """Steps between held-out loss estimates (0: never)."""
+    eval_loss_batches: int = 20
+    """Batches per held-out loss estimate."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only the last)."""
+    save_last: bool = True
+    """Checkpoint at the end of training."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir/checkpoints."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar (loss, lr, tokens/s, MFU, ETA)."""
