@@ -87,6 +87,7 @@ if [[ $WHERE == local ]]; then
 else
   resolve_tpu
   TPU_ARGS=(--name "$NAME" --zone "$ZONE" --project "$PROJECT")
+  [[ $(basename "$OUT") =~ ^[A-Za-z0-9._-]+$ ]] || die "--where tpu needs an --out whose name is [A-Za-z0-9._-]+"
   BASE=workdir/compare/$(basename "$OUT") # on the workers, relative to ~/sid
 fi
 

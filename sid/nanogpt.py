@@ -81,7 +81,7 @@ def sample(model: GPT, data: CharData, cfg: SampleConfig, *, seed: int) -> list[
             ctx = ids[-block:]
             window = np.zeros(block, np.int32)
             window[: len(ctx)] = ctx  # causal: positions after the context do not affect its logits
-            logits = next_logits(model, jnp.asarray(window), len(ctx) - 1) / cfg.temperature
+            logits = next_logits(model, jnp.asarray(window), jnp.asarray(len(ctx) - 1)) / cfg.temperature
             if cfg.top_k:
                 kth = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))[0][-1]
                 logits = jnp.where(logits < kth, -jnp.inf, logits)
