@@ -70,7 +70,7 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             return tuple(_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
         if len(args) != len(value):
             raise fail(f"expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if tp is bool:
         if not isinstance(value, bool):
             raise fail(f"expected true/false, got {type(value).__name__} {value!r}")

@@ -9,8 +9,8 @@ from sid.eval.config import EvalConfig
 from sid.mesh import MeshConfig
 from sid.models.config import GPTConfig, ModelConfig
 from sid.optim.config import OptimizerConfig
-from sid.trainer_config import TrainConfig
 from sid.tracking import WandbConfig
+from sid.trainer_config import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,13 @@ def gpt_loss(model: GPT, batch, key):
     """Sum of next-character losses (dropout active: a key is always given in training)."""
     dropout_key = key if model.config.dropout > 0 else None
     hidden = model(batch["input_ids"], key=dropout_key)
-    return cross_entropy_sum(hidden, model.head_weight(), batch["targets"], valid_vocab=model.config.vocab_size,
-                             compute_dtype=_COMPUTE[model.config.compute_dtype])
+    return cross_entropy_sum(
+        hidden,
+        model.head_weight(),
+        batch["targets"],
+        valid_vocab=model.config.vocab_size,
+        compute_dtype=_COMPUTE[model.config.compute_dtype],
+    )
 
 
 def flops_per_token(model: GPT) -> float:
@@ -104,14 +109,35 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
     log.info("nanoGPT: %.2fM parameters (excluding position embeddings)", model.num_params() / 1e6)
     rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
     steps = job.train.max_steps or int(job.train.epochs * len(data.splits["train"]) / (rows * gcfg.block_size))
-    batches = CharBatchIterator(data, "train", rows, gcfg.block_size, job.train.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count())
-    lr = make_schedule(job.train.learning_rate, warmup_steps=job.train.warmup_steps, total_steps=steps,
-                       kind=job.train.schedule, min_lr_ratio=job.train.min_lr_ratio)
-    aux_lr = make_schedule(job.train.aux_learning_rate, warmup_steps=job.train.warmup_steps, total_steps=steps,
-                           kind=job.train.schedule, min_lr_ratio=job.train.min_lr_ratio)
+    batches = CharBatchIterator(
+        data,
+        "train",
+        rows,
+        gcfg.block_size,
+        job.train.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    lr = make_schedule(
+        job.train.learning_rate,
+        warmup_steps=job.train.warmup_steps,
+        total_steps=steps,
+        kind=job.train.schedule,
+        min_lr_ratio=job.train.min_lr_ratio,
+    )
+    aux_lr = make_schedule(
+        job.train.aux_learning_rate,
+        warmup_steps=job.train.warmup_steps,
+        total_steps=steps,
+        kind=job.train.schedule,
+        min_lr_ratio=job.train.min_lr_ratio,
+    )
     optimizer = job.optimizer.build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=job.train.clip_norm)
-    log.info("optimizer %s routing:\n%s", job.optimizer.name, routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name))
+    log.info(
+        "optimizer %s routing:\n%s",
+        job.optimizer.name,
+        routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name),
+    )
     eval_loss = make_eval_loss(data, job, rows)
     best = {"loss": float("inf"), "step": None}
     best_path = run.path / "best_model.eqx"
@@ -123,9 +149,21 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
                 eqx.tree_serialise_leaves(best_path, current)
 
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
-    model, train = fit(model=model, loss_fn=gpt_loss, optimizer=optimizer, lr_schedule=lr, batches=batches,
-                       total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
-                       flops_per_token=flops_per_token(model), eval_loss=eval_loss, on_eval=keep_best)
+    model, train = fit(
+        model=model,
+        loss_fn=gpt_loss,
+        optimizer=optimizer,
+        lr_schedule=lr,
+        batches=batches,
+        total_steps=steps,
+        cfg=job.train,
+        mesh=mesh,
+        run=run,
+        tracker=tracker,
+        flops_per_token=flops_per_token(model),
+        eval_loss=eval_loss,
+        on_eval=keep_best,
+    )
     if job.train.eval_loss_every and train["final_step"] % job.train.eval_loss_every:
         keep_best(train["final_step"], eval_loss(model, train["final_step"]), model)
     best_model = eqx.tree_deserialise_leaves(best_path, model) if best_path.is_file() else model

@@ -18,8 +18,18 @@ from sid.config import dump_yaml, to_dict
 
 log = logging.getLogger("sid")
 
-_VERSIONED = ("jax", "jaxlib", "equinox", "optax", "grain", "orbax-checkpoint", "tokenizers", "safetensors", "tyro",
-              "numpy")
+_VERSIONED = (
+    "jax",
+    "jaxlib",
+    "equinox",
+    "optax",
+    "grain",
+    "orbax-checkpoint",
+    "tokenizers",
+    "safetensors",
+    "tyro",
+    "numpy",
+)
 
 
 def is_main_process() -> bool:
@@ -58,8 +68,13 @@ def git_sha() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

@@ -41,8 +41,13 @@ _COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 def sft_loss(model: Qwen2, batch, key):
     """Sum of next-token losses over supervised (completion) tokens of a packed batch."""
     hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    return cross_entropy_sum(hidden, model.head_weight(), batch["targets"], valid_vocab=model.valid_vocab,
-                             compute_dtype=_COMPUTE[model.config.compute_dtype])
+    return cross_entropy_sum(
+        hidden,
+        model.head_weight(),
+        batch["targets"],
+        valid_vocab=model.valid_vocab,
+        compute_dtype=_COMPUTE[model.config.compute_dtype],
+    )
 
 
 def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
@@ -74,34 +79,68 @@ def run_train(job: TrainJob) -> dict:
     rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
     model, vocab_resize = build_model(job.model, tok)
-    log.info("model: %.1fM params, vocab %d rows (%d real); tokenizer %d base + %d SID tokens",
-             num_params(model) / 1e6, vocab_resize["rows"], model.valid_vocab, tok.base_vocab_size,
-             tok.vocab_size - tok.base_vocab_size)
-    run.update(token_extension=token_extension(tok), vocab_resize=vocab_resize,
-               data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
+    log.info(
+        "model: %.1fM params, vocab %d rows (%d real); tokenizer %d base + %d SID tokens",
+        num_params(model) / 1e6,
+        vocab_resize["rows"],
+        model.valid_vocab,
+        tok.base_vocab_size,
+        tok.vocab_size - tok.base_vocab_size,
+    )
+    run.update(
+        token_extension=token_extension(tok),
+        vocab_resize=vocab_resize,
+        data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()},
+    )
 
     samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
     global_rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
-    plan = BatchPlan(samples, lambda s: encode(s, tok, job.data.max_len), rows_per_step=global_rows,
-                     max_len=job.data.max_len, pack=job.data.pack, buckets=job.data.length_buckets)
+    plan = BatchPlan(
+        samples,
+        lambda s: encode(s, tok, job.data.max_len),
+        rows_per_step=global_rows,
+        max_len=job.data.max_len,
+        pack=job.data.pack,
+        buckets=job.data.length_buckets,
+    )
     steps = job.train.max_steps or math.ceil(job.train.epochs * plan.steps_per_epoch)
-    log.info("data: %d samples, %d steps/epoch of %d rows, %d steps", len(samples), plan.steps_per_epoch,
-             global_rows, steps)
+    log.info(
+        "data: %d samples, %d steps/epoch of %d rows, %d steps", len(samples), plan.steps_per_epoch, global_rows, steps
+    )
     run.update(data={**run.summary["data"], "samples": len(samples), **plan.summary()})
-    batches = plan.train_iterator(seed=job.train.seed, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+    batches = plan.train_iterator(
+        seed=job.train.seed, process_index=jax.process_index(), process_count=jax.process_count()
+    )
 
-    schedule = dict(warmup_steps=job.train.warmup_steps, total_steps=steps, kind=job.train.schedule,
-                    min_lr_ratio=job.train.min_lr_ratio)
+    schedule = dict(
+        warmup_steps=job.train.warmup_steps,
+        total_steps=steps,
+        kind=job.train.schedule,
+        min_lr_ratio=job.train.min_lr_ratio,
+    )
     lr = make_schedule(job.train.learning_rate, **schedule)
     aux_lr = make_schedule(job.train.aux_learning_rate, **schedule)
     optimizer = job.optimizer.build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=job.train.clip_norm)
-    log.info("optimizer %s routing:\n%s", job.optimizer.name, routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name))
+    log.info(
+        "optimizer %s routing:\n%s",
+        job.optimizer.name,
+        routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name),
+    )
 
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
-    model, train = fit(model=model, loss_fn=sft_loss, optimizer=optimizer, lr_schedule=lr, batches=batches,
-                       total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
-                       flops_per_token=flops_per_token(model, job.data.max_len))
+    model, train = fit(
+        model=model,
+        loss_fn=sft_loss,
+        optimizer=optimizer,
+        lr_schedule=lr,
+        batches=batches,
+        total_steps=steps,
+        cfg=job.train,
+        mesh=mesh,
+        run=run,
+        tracker=tracker,
+        flops_per_token=flops_per_token(model, job.data.max_len),
+    )
     train.update(effective_batch_size=global_rows, steps_per_epoch=plan.steps_per_epoch)
     run.update(train=train)
     if train.get("preempted_at") is not None:

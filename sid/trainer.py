@@ -7,7 +7,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import equinox as eqx
@@ -94,8 +94,16 @@ def _accumulate(params_static, loss_fn: LossFn, params, batch, key, accum: int, 
     return jax.tree.map(lambda x: x / denom, g), l / denom, n
 
 
-def make_train_step(static, loss_fn: LossFn, optimizer: optax.GradientTransformation, *, accum: int, mesh: Mesh,
-                    state_sharding, lr_schedule: Callable[[Array], Array]):
+def make_train_step(
+    static,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    accum: int,
+    mesh: Mesh,
+    state_sharding,
+    lr_schedule: Callable[[Array], Array],
+):
     """The jitted step `(state, batch) -> (state, metrics)`; state is donated, batch sharded over (dp, fsdp)."""
 
     def step(state: TrainState, batch: dict[str, Array]):
@@ -206,8 +214,9 @@ def fit(
         log.info("resumed from checkpoint step %d", start)
     elif cfg.resume:
         log.info("resume requested but %s holds no checkpoint: starting fresh", ckpt.directory)
-    step_fn = make_train_step(static, loss_fn, optimizer, accum=accum, mesh=mesh, state_sharding=sharding,
-                              lr_schedule=lr_schedule)
+    step_fn = make_train_step(
+        static, loss_fn, optimizer, accum=accum, mesh=mesh, state_sharding=sharding, lr_schedule=lr_schedule
+    )
     peak = peak_flops_per_device()
     n_devices = mesh.devices.size
     summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * accum, "start_step": start}
@@ -260,14 +269,36 @@ def fit(
             bar.set_postfix(post, refresh=False)
             bar.update(1)
         if step_done % cfg.log_every == 0 or step_done == total_steps:
-            record = {"step": step_done, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                      "tokens_per_s": tps, "step_time_s": dt, "mfu": mfu}
+            record = {
+                "step": step_done,
+                "loss": loss,
+                "lr": float(m["lr"]),
+                "grad_norm": float(m["grad_norm"]),
+                "tokens_per_s": tps,
+                "step_time_s": dt,
+                "mfu": mfu,
+            }
             run.append_metrics(record)
-            tracker.log({"train/loss": loss, "train/lr": record["lr"], "train/grad_norm": record["grad_norm"],
-                         "perf/tokens_per_s": tps, **({"perf/mfu": mfu} if mfu is not None else {})}, step_done)
+            tracker.log(
+                {
+                    "train/loss": loss,
+                    "train/lr": record["lr"],
+                    "train/grad_norm": record["grad_norm"],
+                    "perf/tokens_per_s": tps,
+                    **({"perf/mfu": mfu} if mfu is not None else {}),
+                },
+                step_done,
+            )
             if bar is None:
-                log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f tok/s %.0f", step_done, total_steps, loss,
-                         record["lr"], record["grad_norm"], tps)
+                log.info(
+                    "step %d/%d loss %.4f lr %.2e grad_norm %.3f tok/s %.0f",
+                    step_done,
+                    total_steps,
+                    loss,
+                    record["lr"],
+                    record["grad_norm"],
+                    tps,
+                )
 
     with _Preemption() as preempt:
         try:

@@ -1,6 +1,5 @@
 """`make compare WHERE=local` with the real trainer and evaluator on the CPU smoke presets (same ref twice)."""
 
-
 import subprocess
 from pathlib import Path
 
@@ -12,9 +11,26 @@ def test_make_compare_local_same_ref_twice(tmp_path):
     assert head.returncode == 0, "needs a git checkout with a commit"
     out = tmp_path / "cmp"
     proc = subprocess.run(
-        ["bash", "ops/compare.sh", "--a", "HEAD", "--b", "HEAD", "--train-config", "configs/train/cpu/smoke.yaml",
-         "--eval-config", "configs/eval/cpu/smoke.yaml", "--where", "local", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            "bash",
+            "ops/compare.sh",
+            "--a",
+            "HEAD",
+            "--b",
+            "HEAD",
+            "--train-config",
+            "configs/train/cpu/smoke.yaml",
+            "--eval-config",
+            "configs/eval/cpu/smoke.yaml",
+            "--where",
+            "local",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "report.md").read_text()

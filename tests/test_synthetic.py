@@ -8,7 +8,16 @@ import pytest
 from sid.data.minionerec import load_catalog, read_csv
 from sid.data.synthetic import code_word, codebook_size, write_synthetic
 
-FILES = ("train.csv", "valid.csv", "test.csv", "info.txt", "Cat.index.json", "Cat.item.json")
+FILES = (
+    "train.csv",
+    "valid.csv",
+    "test.csv",
+    "info.txt",
+    "Cat.index.json",
+    "Cat.item.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def _read(d):
@@ -93,3 +102,20 @@ def test_other_sizes(tmp_path, num_items):
     assert len(catalog.items_by_sid) == num_items and len(splits["test"]) == 5
     with pytest.raises(ValueError, match="at least 2 items"):
         write_synthetic(tmp_path, num_items=1, num_users=5, seed=0)
+
+
+def test_ships_its_own_small_tokenizer(default):
+    from sid.data.config import TasksConfig, TokenizerConfig
+    from sid.data.tasks import build_sft_samples
+    from sid.data.tokenizer import build_tokenizer
+
+    d, splits, catalog = default
+    tok = build_tokenizer(TokenizerConfig(path=str(d)), catalog.sid_tokens())
+    assert tok.base_vocab_size == 512 and tok.vocab_size == 512 + len(catalog.sid_tokens())
+    assert tok.tokenizer.id_to_token(tok.eos_id) == "<|endoftext|>"
+    assert len(tok.encode("\n")) == 1
+    sample = build_sft_samples(splits["test"][:1], catalog, TasksConfig(), "synthetic items")[0]
+    ids = tok.encode(sample.prompt + sample.completion)
+    assert tok.decode(ids) == sample.prompt + sample.completion  # byte-level BPE: lossless
+    sid_ids = tok.encode(splits["test"][0].target_sid)
+    assert len(sid_ids) == 3 and all(i >= tok.base_vocab_size for i in sid_ids)

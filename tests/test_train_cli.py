@@ -13,9 +13,25 @@ SMOKE = str(ROOT / "configs/train/cpu/smoke.yaml")
 
 
 def train_cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "sid.train", "--config", SMOKE, "--train.output-dir", str(out), "--eval.no-enabled",
-            "--train.log-every", "1", "--train.schedule", "constant", "--train.warmup-steps", "0",
-            "--optimizer.name", "muon_local", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "sid.train",
+        "--config",
+        SMOKE,
+        "--train.output-dir",
+        str(out),
+        "--eval.no-enabled",
+        "--train.log-every",
+        "1",
+        "--train.schedule",
+        "constant",
+        "--train.warmup-steps",
+        "0",
+        "--optimizer.name",
+        "muon_local",
+        *extra,
+    ]
 
 
 def env():
@@ -48,19 +64,27 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     ckpts = killed / "checkpoints"
     # Long enough that it is still running when the first checkpoint lands; the constant schedule makes the
     # learning rate independent of max_steps, so a shorter resumed run follows the same trajectory.
-    proc = start_and_wait(train_cmd(killed, "--train.max-steps", "100000", "--train.save-every", "3"),
-                          lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
+    proc = start_and_wait(
+        train_cmd(killed, "--train.max-steps", "100000", "--train.save-every", "3"),
+        lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()),
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     target = latest + 3
-    resumed = subprocess.run(train_cmd(killed, "--train.max-steps", str(target), "--train.resume"), cwd=ROOT,
-                             env=env(), capture_output=True, text=True)
+    resumed = subprocess.run(
+        train_cmd(killed, "--train.max-steps", str(target), "--train.resume"),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from checkpoint step {latest}" in resumed.stderr
     straight = tmp_path / "straight"
-    ref = subprocess.run(train_cmd(straight, "--train.max-steps", str(target)), cwd=ROOT, env=env(),
-                         capture_output=True, text=True)
+    ref = subprocess.run(
+        train_cmd(straight, "--train.max-steps", str(target)), cwd=ROOT, env=env(), capture_output=True, text=True
+    )
     assert ref.returncode == 0, ref.stderr
     got, want = losses(killed), losses(straight)
     for step in range(latest + 1, target + 1):
@@ -70,8 +94,10 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     run = tmp_path / "run"
-    proc = start_and_wait(train_cmd(run, "--train.max-steps", "100000"),
-                          lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0)
+    proc = start_and_wait(
+        train_cmd(run, "--train.max-steps", "100000"),
+        lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0,
+    )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err

@@ -86,7 +86,7 @@ def test_sharded_step_equals_single_device():
         sharded = one_step(make_mesh(mesh_cfg), 1, batch)
         np.testing.assert_allclose(sharded[0]["loss"], single[0]["loss"], rtol=1e-6)
         np.testing.assert_allclose(sharded[0]["grad_norm"], single[0]["grad_norm"], rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1])):
+        for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -97,7 +97,7 @@ def test_accumulation_equals_one_big_batch():
     acc = one_step(mesh, 4, batch)
     # The loss is the token-weighted mean over the whole effective batch, not a mean of micro-batch means.
     np.testing.assert_allclose(acc[0]["loss"], big[0]["loss"], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(acc[1]), jax.tree.leaves(big[1])):
+    for a, b in zip(jax.tree.leaves(acc[1]), jax.tree.leaves(big[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -32,8 +32,10 @@ def checkpoint_dir(path: str) -> Path:
     for candidate in (p / "model", p):
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"{p}: neither {p / 'model'} nor {p} holds an HF model (config.json); "
-                            "set --eval.checkpoint to a training run directory or an exported HF directory")
+    raise FileNotFoundError(
+        f"{p}: neither {p / 'model'} nor {p} holds an HF model (config.json); "
+        "set --eval.checkpoint to a training run directory or an exported HF directory"
+    )
 
 
 def run_eval(job: EvalJob) -> dict:
@@ -53,15 +55,16 @@ def run_eval(job: EvalJob) -> dict:
         tok = load_tokenizer(TokenizerConfig(path=str(model_dir.absolute())), catalog, model_dir, "")
         model, _ = load_qwen2(model_dir, job.model)
         if model.valid_vocab != tok.vocab_size:
-            raise ValueError(f"{model_dir}: the model has {model.valid_vocab} real tokens but its tokenizer "
-                             f"{tok.vocab_size} with this catalog's SID tokens: wrong data for this checkpoint?")
+            raise ValueError(
+                f"{model_dir}: the model has {model.valid_vocab} real tokens but its tokenizer "
+                f"{tok.vocab_size} with this catalog's SID tokens: wrong data for this checkpoint?"
+            )
         model = pad_vocab(unpad_vocab(model), job.model.vocab_multiple)
     else:
         tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
         model, _ = build_model(job.model, tok)
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
-    metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker,
-                       split_data=split)
+    metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker, split_data=split)
     run.update(eval=metrics)
     tracker.summary({f"eval/HR@{k}": v for k, v in metrics["hr"].items()})
     tracker.finish()

@@ -83,8 +83,11 @@ def evaluate(
     targets = [t for _, t in pairs]
     truncated = sum(len(p) > max(eval_cfg.prompt_buckets) for p in prompts)
     if truncated:
-        log.warning("%d prompts are longer than the largest bucket %d and keep their last tokens", truncated,
-                    max(eval_cfg.prompt_buckets))
+        log.warning(
+            "%d prompts are longer than the largest bucket %d and keep their last tokens",
+            truncated,
+            max(eval_cfg.prompt_buckets),
+        )
 
     model = jax.device_put(model, param_shardings(model, mesh))
     search = sharded_beam_search(mesh, model, num_beams=eval_cfg.num_beams)
@@ -123,8 +126,9 @@ def evaluate(
             for target, pred in zip(targets, predictions, strict=True):
                 ranked = explain(pred[:EXPLAINED_TOP], items_by_sid, catalog.titles)
                 f.write(json.dumps({"target": target, "top": ranked}) + "\n")
-    log.info("eval on %s (%d samples, %d beams):\n%s", eval_cfg.split, metrics.n_samples, eval_cfg.num_beams,
-             metrics.table())
+    log.info(
+        "eval on %s (%d samples, %d beams):\n%s", eval_cfg.split, metrics.n_samples, eval_cfg.num_beams, metrics.table()
+    )
     result = {
         **metrics.to_dict(),
         "n_beams": eval_cfg.num_beams,

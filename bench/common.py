@@ -1,0 +1,148 @@
+"""Shared pieces of the benchmark scripts: the benchmarked architectures, the HF twin of a config, device memory,
+isolated child runs, and the JSON / markdown output.
+
+Each measurement that touches an accelerator runs in its own child process (`run_child`): JAX preallocates most
+of the GPU at start-up, so torch cannot share a process with it, and `peak_bytes_in_use` only ever grows within
+a process, so a per-configuration peak needs a fresh one. The parent process never initialises a backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from sid.models.config import ModelConfig
+
+QWEN25_TOKENS = 151_665
+"""Tokens of the Qwen2.5 tokenizer (151,643 BPE + 22 special)."""
+INDUSTRIAL_SID_TOKENS = 560
+"""SID tokens of MiniOneRec Industrial (3 levels)."""
+
+ARCHS: dict[str, dict[str, Any]] = {
+    # From the HF config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B (both tie the head to the embedding).
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2),
+    # CPU smoke size: exercises every code path in seconds.
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=2),
+}
+
+
+def arch_config(arch: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a benchmarked architecture (Qwen2.5 RoPE base 1e6, tied head, eps 1e-6)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: expected one of {', '.join(ARCHS)}")
+    return ModelConfig(**ARCHS[arch], rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, **overrides)
+
+
+def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
+    """`transformers.Qwen2Config` of the same architecture with `vocab_rows` embedding rows."""
+    import transformers
+
+    return transformers.Qwen2Config(
+        vocab_size=vocab_rows,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_sliding_window=False,
+        initializer_range=cfg.init_std,
+    )
+
+
+def jax_memory(compiled=None) -> dict[str, int | None]:
+    """Device memory: the runtime peak of this process (`peak_bytes_in_use`, None where the backend has no
+    allocator stats, e.g. CPU) and XLA's static footprint of `compiled` (arguments + outputs - aliased + temp)."""
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out: dict[str, int | None] = {"peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+    analysis = compiled.memory_analysis() if compiled is not None else None
+    if analysis is not None:
+        out["xla_bytes"] = int(
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes
+        )
+    return out
+
+
+def jax_environment() -> dict[str, Any]:
+    """What ran a JAX measurement (call it inside the child that measured)."""
+    import jax
+
+    devices = jax.devices()
+    return {
+        "backend": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "jax": jax.__version__,
+    }
+
+
+def host_environment() -> dict[str, Any]:
+    """The host and source tree of a benchmark run (no backend is touched)."""
+    from sid.run import git_sha
+
+    return {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+        "argv": sys.argv,
+    }
+
+
+def run_child(script: str | Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run `script --child JSON --out TMP` in a fresh process (its output passes through) and return its JSON
+    result. Children catch their own errors (e.g. out of memory) and report `{"error": ...}`; a child that dies
+    without a result gives one too, so one bad configuration does not end the sweep."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run([sys.executable, str(script), "--child", json.dumps(spec), "--out", str(out)])
+        if not out.is_file():
+            return {**spec, "error": f"child exited with status {proc.returncode} without a result (see its log)"}
+        return json.loads(out.read_text())
+
+
+def child_result(spec: dict[str, Any], measure) -> dict[str, Any]:
+    """`measure(spec)` with any exception turned into `{"error": ...}` (what `run_child` expects from a child)."""
+    try:
+        return measure(spec)
+    except Exception as e:  # noqa: BLE001 -- an OOM or a backend error is a result of the sweep, not a crash
+        traceback.print_exc()
+        return {**spec, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def write_json(path: str | Path, record: dict[str, Any]) -> None:
+    """Write `record` as indented JSON (parent directories created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
+    """A markdown table of `rows` with `columns` (key -> header); floats get 4 significant digits, None is '-'."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]
+    return "\n".join(lines)
