@@ -54,7 +54,9 @@ def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
         num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.rms_norm_eps,
+        # Both spellings, as sid.compat.hf.export_qwen2 writes: transformers v5 reads the first, v4 the second.
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_word_embeddings,
         use_sliding_window=False,
         initializer_range=cfg.init_std,

@@ -46,13 +46,13 @@ from sid.data.tokenizer import build_tokenizer
 
 
 def load_prompts(spec: dict[str, Any], limit: int):
-    """The test split's tokenizer (with SID tokens), catalog, tokenized eval prompts (first `limit`; 0 = all) and
-    target SIDs, read as `sid.eval` reads them."""
+    """The test split's tokenizer (with SID tokens), catalog and tokenized eval prompts (the first `limit`; 0 = all),
+    read as `sid.eval` reads them."""
     data = DataConfig(source="minionerec", dir=spec["data_dir"], data_root=spec["data_root"])
     interactions, catalog, _ = load_split(data, "test")
     tok = build_tokenizer(TokenizerConfig(path=spec["tokenizer"]), catalog.sid_tokens(), data_root=spec["data_root"])
     pairs = eval_prompts(interactions, TasksConfig())[: limit or None]
-    return tok, catalog, tok.encode_batch([p for p, _ in pairs]), [t for _, t in pairs]
+    return tok, catalog, tok.encode_batch([p for p, _ in pairs])
 
 
 def end_ids(tok) -> tuple[int, int]:
@@ -72,7 +72,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.mesh import MeshConfig, data_parallel_size, make_mesh, param_shardings
     from sid.models.build import build_model
 
-    tok, catalog, prompts, _ = load_prompts(spec, spec["samples"])
+    tok, catalog, prompts = load_prompts(spec, spec["samples"])
     mesh = make_mesh(MeshConfig())
     trie = build_trie(catalog.sids, {t: tok.token_id(t) for t in catalog.sid_tokens()}, end_ids(tok))
     t0 = time.perf_counter()
@@ -122,7 +122,7 @@ def measure_hf(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    tok, catalog, prompts, _ = load_prompts(spec, spec["hf_samples"])
+    tok, catalog, prompts = load_prompts(spec, spec["hf_samples"])
     ends = end_ids(tok)
     sid_of_path = {}
     allowed: dict[tuple[int, ...], set[int]] = {}  # generated prefix -> allowed next tokens (upstream's hash_dict)

@@ -18,6 +18,7 @@ causal sample per row (HF's sdpa path has no packed-segment masks; its attention
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -150,7 +151,8 @@ def measure_torch(spec: dict[str, Any]) -> dict[str, Any]:
     model.train()
     if spec["remat"] != "none":
         model.config.use_cache = False
-        model.gradient_checkpointing_enable()
+        # transformers 5.x renamed gradient_checkpointing_enable (which now warns); older versions lack the new name.
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=LEARNING_RATES["adamw"][0],
@@ -272,8 +274,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        import json
-
         spec = json.loads(args.child)
         write_json(args.out, child_result(spec, measure_torch if spec["framework"] == "torch" else measure_jax))
         return 0

@@ -131,3 +131,18 @@ def state_shardings(state, params, mesh: Mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host value that every process holds in full (e.g. an eval batch)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(tree):
+    """Numpy copies of a pytree of (possibly multi-host sharded) arrays, complete on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -24,7 +24,7 @@ from sid.data.tasks import build_sft_samples, encode, load_split, synthetic_dir
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, make_mesh
+from sid.mesh import data_parallel_size, make_mesh, to_host
 from sid.models.build import build_model, flops_per_token, num_params, token_extension
 from sid.models.qwen2 import Qwen2
 from sid.optim.routing import routing_table
@@ -32,7 +32,7 @@ from sid.optim.schedule import make_schedule
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import fit
+from sid.trainer import fit, to_global
 
 log = logging.getLogger("sid")
 _COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -48,6 +48,35 @@ def sft_loss(model: Qwen2, batch, key):
         valid_vocab=model.valid_vocab,
         compute_dtype=_COMPUTE[model.config.compute_dtype],
     )
+
+
+def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
+    """Held-out loss on the valid split (its per-interaction tasks; alignment is per item, so it is excluded):
+    the token-weighted mean over the first `eval_loss_batches` batches of one fixed shuffled epoch."""
+    interactions, catalog, _ = load_split(job.data, "valid", run_dir=run_dir)
+    samples = build_sft_samples(
+        interactions, catalog, dataclasses.replace(job.tasks, alignment=False), job.data.category_text
+    )
+    plan = BatchPlan(
+        samples,
+        lambda s: encode(s, tok, job.data.max_len),
+        rows_per_step=job.train.per_device_batch_size * data_parallel_size(mesh),
+        max_len=job.data.max_len,
+        pack=job.data.pack,
+        buckets=job.data.length_buckets,
+    )
+    batches = plan.eval_batches(process_index=jax.process_index(), process_count=jax.process_count())
+    count = min(len(batches), job.train.eval_loss_batches)
+    batch_loss = eqx.filter_jit(lambda model, batch: sft_loss(model, batch, None))
+
+    def estimate(model, step: int) -> float:
+        total, tokens = 0.0, 0
+        for i in range(count):
+            loss_sum, n = batch_loss(model, to_global(batches[i], mesh))
+            total, tokens = total + float(loss_sum), tokens + int(n)
+        return total / max(tokens, 1)
+
+    return estimate
 
 
 def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
@@ -140,14 +169,16 @@ def run_train(job: TrainJob) -> dict:
         run=run,
         tracker=tracker,
         flops_per_token=flops_per_token(model, job.data.max_len),
+        eval_loss=make_eval_loss(job, tok, mesh, run.path) if job.train.eval_loss_every else None,
     )
     train.update(effective_batch_size=global_rows, steps_per_epoch=plan.steps_per_epoch)
     run.update(train=train)
     if train.get("preempted_at") is not None:
         tracker.finish()
         return run.summary
+    host_model = to_host(model)  # a collective on multi-host runs: every process takes part
     if run.main:
-        export_qwen2(model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
+        export_qwen2(host_model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
     if job.eval.enabled:
         from sid.eval.runner import evaluate
 

@@ -22,7 +22,7 @@ from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
 from sid.eval.predictions import explain, write_predictions
 from sid.eval.trie import build_trie
-from sid.mesh import data_parallel_size, param_shardings
+from sid.mesh import batch_sharding, data_parallel_size, global_array, param_shardings, to_host
 from sid.models.qwen2 import Qwen2
 from sid.run import RunDir
 from sid.tracking import Tracker
@@ -93,6 +93,7 @@ def evaluate(
     search = sharded_beam_search(mesh, model, num_beams=eval_cfg.num_beams)
     tables = trie.tables
     batch = eval_cfg.per_device_batch_size * data_parallel_size(mesh)
+    sharding = batch_sharding(mesh)
     predictions: list[list[str] | None] = [None] * len(prompts)
     compiled, compile_s, search_s = {}, 0.0, 0.0
     bar = None
@@ -102,13 +103,14 @@ def evaluate(
         bar = tqdm(total=len(prompts), desc=f"eval {eval_cfg.split}", dynamic_ncols=True)
     t0 = time.perf_counter()
     for idx, ids, mask in bucketed_batches(prompts, eval_cfg.prompt_buckets, batch, tok.pad_id):
+        ids, mask = global_array(ids, sharding), global_array(mask, sharding)
         if ids.shape not in compiled:
             tc = time.perf_counter()
             compiled[ids.shape] = search.lower(model, tables, ids, mask).compile()
             compile_s += time.perf_counter() - tc
         ts = time.perf_counter()
         out = compiled[ids.shape](model, tables, ids, mask)
-        leaves = np.asarray(jax.device_get(out.leaves))
+        leaves = np.asarray(to_host(out.leaves))
         search_s += time.perf_counter() - ts
         for i, pred in zip(idx, trie.predictions(leaves[: len(idx)]), strict=True):
             predictions[i] = pred

@@ -1,0 +1,127 @@
+"""The benchmark scripts' CPU smoke modes (bench/*.py --tiny), run as a user runs them, each in a subprocess (all
+three at once to share the wall clock); their JSON is checked against hand-computed values and each other."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {
+    # muon_optax is the same code path as muon_local here (an optimizer name); leaving it out halves the runtime.
+    "train": ["bench/train_throughput.py", "--tiny", "--optimizers", "adamw,muon_local"],
+    "eval": ["bench/eval_throughput.py", "--tiny"],
+    "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
+}
+TINY_VOCAB = 1000  # train_throughput's tiny vocab (padded to 1024 rows)
+SHAKESPEARE_CHARS = 65
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("bench")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",  # Less LLVM optimisation: the smoke runs are dominated by XLA compile time on a small CPU.
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        SID_DATA_ROOT=str(shared_data),
+    )
+    procs = {}
+    for name, cmd in SCRIPTS.items():  # output to files: a full pipe would stall a script while we wait on another
+        with open(tmp / f"{name}.stdout", "w") as stdout, open(tmp / f"{name}.stderr", "w") as stderr:
+            procs[name] = subprocess.Popen(
+                [sys.executable, *cmd, "--out", str(tmp / f"{name}.json")],
+                cwd=ROOT,
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+            )
+    out = {}
+    for name, proc in procs.items():
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, f"{name}: {(tmp / f'{name}.stderr').read_text()[-3000:]}"
+        out[name] = (json.loads((tmp / f"{name}.json").read_text()), (tmp / f"{name}.stdout").read_text(), tmp)
+    return out
+
+
+def test_help_runs():
+    for cmd in SCRIPTS.values():
+        proc = subprocess.run([sys.executable, cmd[0], "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0 and "--out" in proc.stdout and "--tiny" in proc.stdout, proc.stderr
+
+
+def tiny_flops_per_token(seq: int) -> float:
+    """6 x matmul params (tied head counted once as the embedding) + 12 x layers x heads x head_dim x seq."""
+    d, f, layers, heads, kv, rows = 64, 172, 2, 4, 2, 1024
+    hd = d // heads
+    per_layer = (d * heads * hd + heads * hd) + 2 * (d * kv * hd + kv * hd) + heads * hd * d + 3 * d * f + 2 * d
+    params = rows * d + layers * per_layer + d
+    return 6.0 * params + 12.0 * layers * heads * hd * seq
+
+
+def test_train_throughput(results):
+    record, stdout, _ = results["train"]
+    rows = {(r["framework"], r["optimizer"]): r for r in record["results"]}
+    assert set(rows) == {("jax", "adamw"), ("jax", "muon_local"), ("torch", "adamw")}
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["real_tokens_per_step"] == r["rows"] * r["seq"] == 4 * 64  # packed full rows: no padding
+        assert r["step_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["real_tokens_per_step"] / r["step_s"])
+        assert r["vocab_rows"] == 1024
+        # Random init with std 0.02 gives near-uniform predictions: the first loss is about log(vocab).
+        assert r["first_loss"] == pytest.approx(math.log(TINY_VOCAB), abs=0.15)
+        assert math.isfinite(r["last_loss"])
+        assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+    for opt in ("adamw", "muon_local"):
+        r = rows[("jax", opt)]
+        assert r["flops_per_token"] == tiny_flops_per_token(64)
+        assert 0 < r["compile_s"] <= r["first_step_s"]
+        assert r["xla_bytes"] > 0 and r["devices"] == 2
+    (ratio,) = record["ratios"]
+    assert ratio["muon_local_over_adamw_step_time"] == pytest.approx(
+        rows[("jax", "muon_local")]["step_s"] / rows[("jax", "adamw")]["step_s"]
+    )
+    assert ratio["jax_over_torch_tokens_per_s"] == pytest.approx(
+        rows[("jax", "adamw")]["tokens_per_s"] / rows[("torch", "adamw")]["tokens_per_s"]
+    )
+    assert ratio["muon_optax_over_adamw_step_time"] is None  # not run
+    assert "| jax | tiny | 64 | 4 | adamw |" in stdout
+
+
+def test_eval_throughput(results):
+    record, stdout, _ = results["eval"]
+    ours, hf = record["jax"], record["hf"]
+    assert "error" not in ours and "error" not in hf, (ours, hf)
+    assert ours["n_samples"] == 8 and hf["n_samples"] == 4
+    assert ours["beams"] == hf["beams"] == 8
+    # Constrained search never produces a SID outside the catalog (8 beams < 48 first-level codes).
+    assert ours["invalid_predictions"] == 0 and hf["invalid_predictions"] == 0
+    assert ours["buckets_used"] == [128]  # every Industrial test prompt has <= 121 tokens
+    assert ours["samples_per_s"] == pytest.approx(ours["n_samples"] / ours["search_s"])
+    assert hf["samples_per_s"] == pytest.approx(hf["n_samples"] / hf["generate_s"])
+    assert ours["compile_s"] > 0 and ours["batch"] % ours["devices"] == 0
+    assert record["jax_over_hf_samples_per_s"] == pytest.approx(ours["samples_per_s"] / hf["samples_per_s"])
+    assert "| sid (jax) | tiny | 8 | 8 |" in stdout
+
+
+def test_nanogpt_shakespeare(results):
+    record, stdout, tmp = results["nanogpt"]
+    runs = {r["name"]: r for r in record["runs"]}
+    assert {n: r["optimizer"] for n, r in runs.items()} == {"adamw": "adamw", "muon": "muon_local"}
+    for r in runs.values():
+        steps, losses = zip(*r["eval_curve"], strict=True)
+        assert steps == (10, 20) and r["steps"] == 20
+        assert r["best_eval_loss"] == min(losses) and r["best_eval_step"] == steps[losses.index(min(losses))]
+        # Learned something: below the loss of a uniform guess over the 65 characters.
+        assert r["best_eval_loss"] < math.log(SHAKESPEARE_CHARS)
+        assert r["tokens_per_step"] == 16 * 64
+        assert r["median_tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["median_ms_per_iter"] * 1000)
+        assert r["ms_per_iter"] > 0 and r["compile_s"] > 0
+        assert (Path(r["run_dir"]) / "run_summary.json").is_file()
+    png = Path(record["png"])
+    assert png.parent == tmp and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| muon | muon_local | 20 |" in stdout
