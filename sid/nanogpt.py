@@ -21,11 +21,9 @@ from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
 from sid.mesh import data_parallel_size, make_mesh
 from sid.models.nanogpt import GPT
-from sid.optim.routing import routing_table
-from sid.optim.schedule import make_schedule
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import fit
+from sid.trainer import fit, make_optimizer
 
 log = logging.getLogger("sid")
 _COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -118,26 +116,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    lr = make_schedule(
-        job.train.learning_rate,
-        warmup_steps=job.train.warmup_steps,
-        total_steps=steps,
-        kind=job.train.schedule,
-        min_lr_ratio=job.train.min_lr_ratio,
-    )
-    aux_lr = make_schedule(
-        job.train.aux_learning_rate,
-        warmup_steps=job.train.warmup_steps,
-        total_steps=steps,
-        kind=job.train.schedule,
-        min_lr_ratio=job.train.min_lr_ratio,
-    )
-    optimizer = job.optimizer.build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=job.train.clip_norm)
-    log.info(
-        "optimizer %s routing:\n%s",
-        job.optimizer.name,
-        routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name),
-    )
+    optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
     eval_loss = make_eval_loss(data, job, rows)
     best = {"loss": float("inf"), "step": None}
     best_path = run.path / "best_model.eqx"

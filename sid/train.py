@@ -27,12 +27,10 @@ from sid.loss import cross_entropy_sum
 from sid.mesh import data_parallel_size, make_mesh, to_host
 from sid.models.build import build_model, flops_per_token, num_params, token_extension
 from sid.models.qwen2 import Qwen2
-from sid.optim.routing import routing_table
-from sid.optim.schedule import make_schedule
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import fit, to_global
+from sid.trainer import fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
 _COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -141,20 +139,7 @@ def run_train(job: TrainJob) -> dict:
         seed=job.train.seed, process_index=jax.process_index(), process_count=jax.process_count()
     )
 
-    schedule = dict(
-        warmup_steps=job.train.warmup_steps,
-        total_steps=steps,
-        kind=job.train.schedule,
-        min_lr_ratio=job.train.min_lr_ratio,
-    )
-    lr = make_schedule(job.train.learning_rate, **schedule)
-    aux_lr = make_schedule(job.train.aux_learning_rate, **schedule)
-    optimizer = job.optimizer.build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=job.train.clip_norm)
-    log.info(
-        "optimizer %s routing:\n%s",
-        job.optimizer.name,
-        routing_table(eqx.filter(model, eqx.is_array), optimizer=job.optimizer.name),
-    )
+    optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
 
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
     model, train = fit(

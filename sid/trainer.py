@@ -20,6 +20,9 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_shardings
+from sid.optim.config import OptimizerConfig
+from sid.optim.routing import routing_table
+from sid.optim.schedule import make_schedule
 from sid.run import RunDir
 from sid.tracking import Tracker
 from sid.trainer_config import TrainConfig
@@ -133,6 +136,21 @@ def _real_tokens(batch: dict[str, Array]) -> Array:
     if "segment_ids" in batch:
         return (batch["segment_ids"] > 0).sum()
     return jnp.asarray(batch["input_ids"].size, jnp.int32)
+
+
+def make_optimizer(
+    opt_cfg: OptimizerConfig, cfg: TrainConfig, total_steps: int, model
+) -> tuple[optax.GradientTransformation, Callable[[Array], Array]]:
+    """The optimizer with its warmup/decay schedules (main and aux LR) and the main schedule for logging;
+    prints which parameters go to which update rule."""
+    kw = dict(warmup_steps=cfg.warmup_steps, total_steps=total_steps, kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
+    lr = make_schedule(cfg.learning_rate, **kw)
+    optimizer = opt_cfg.build(
+        learning_rate=lr, aux_learning_rate=make_schedule(cfg.aux_learning_rate, **kw), clip_norm=cfg.clip_norm
+    )
+    table = routing_table(eqx.filter(model, eqx.is_array), optimizer=opt_cfg.name)
+    log.info("optimizer %s routing:\n%s", opt_cfg.name, table)
+    return optimizer, lr
 
 
 def init_state(model, optimizer: optax.GradientTransformation, *, seed: int, mesh: Mesh):
@@ -325,6 +343,7 @@ def fit(
                     tracker.log({"eval/loss": val}, done)
                     if on_eval is not None:
                         on_eval(done, val, current)
+                    t_last = time.perf_counter()  # the held-out pass is not training time
                 if preempt.requested:
                     finish_pending()
                     save(done, wait=True)
