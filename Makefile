@@ -38,11 +38,21 @@ fmt: $(DEV_STAMP)
 	$(BIN)/ruff check --fix sid tests bench
 	$(BIN)/ruff format sid tests bench
 
-# For users with internet: the full upstream MiniOneRec data (this team's machines use ../shared/data).
+# For users with internet: upstream MiniOneRec, linked into the flat layout the readers expect
+# (workdir/data/minionerec_industrial/{train,valid,test}.csv, info.txt, *.index.json, *.item.json).
+# This team's machines use ../shared/data instead (its train CSV is partial: train_partial.csv).
+MINIONEREC := workdir/MiniOneRec/data/Amazon
+CATEGORY ?= Industrial_and_Scientific
+SPLIT_STEM ?= $(CATEGORY)_5_2016-10-2018-11
 data:
-	mkdir -p workdir
+	mkdir -p workdir/data/minionerec_industrial
 	test -d workdir/MiniOneRec || git clone --depth 1 https://github.com/AkaliKong/MiniOneRec workdir/MiniOneRec
-	@echo "Point SID_DATA_ROOT at workdir/MiniOneRec/data/Amazon or set data.dir in your config."
+	cd workdir/data/minionerec_industrial && for s in train valid test; do \
+		ln -sf ../../../$(MINIONEREC)/$$s/$(SPLIT_STEM).csv $$s.csv; done && \
+		ln -sf ../../../$(MINIONEREC)/info/$(SPLIT_STEM).txt info.txt && \
+		ln -sf ../../../$(MINIONEREC)/index/$(CATEGORY).index.json $(CATEGORY).index.json && \
+		ln -sf ../../../$(MINIONEREC)/index/$(CATEGORY).item.json $(CATEGORY).item.json
+	@echo "Now: export SID_DATA_ROOT=$(abspath workdir/data) and train with --data.train-file train.csv"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -2,9 +2,9 @@
 `sid.nanogpt.run_nanogpt` (the shared trainer), their best held-out loss, its step, ms/iter and tokens/s, and a
 PNG of the two eval-loss curves (from each run's metrics.jsonl).
 
-ms/iter is reported twice: the trainer's (run_summary.json `ms_per_iter`: all timed steps, which also absorbs the
-time of each held-out evaluation into the step after it) and the median of the per-step times the trainer logs
-every `log_every` steps (steps that follow an evaluation are not among them), which is the pure step time.
+ms/iter is reported twice: the trainer's (run_summary.json `ms_per_iter`: the mean over all timed steps, held-out
+evaluations excluded) and the median of the per-step times the trainer logs every `log_every` steps, which is
+robust to the odd slow step.
 
     python bench/nanogpt_shakespeare.py --out runs/bench/nanogpt.json                # GPU, 5000 steps each
     python bench/nanogpt_shakespeare.py --tiny --out /tmp/nanogpt_tiny.json          # CPU smoke (cpu_smoke.yaml)
