@@ -12,6 +12,11 @@
 #   --keep-worktrees         leave the two worktrees in place
 #   --name NAME              (tpu) TPU VM name; --zone Z and --project P as for ops/tpu_ssh.sh
 #   --no-bootstrap           (tpu) skip ops/tpu_bootstrap.sh, which otherwise runs first (idempotent) at ref B
+#   --dry-run                check the arguments as a run does (refs, config files; TPU name, zone, project),
+#                            print the commands a run would execute, one a line, shell-quoted, in order (with
+#                            --where tpu, the ops/tpu_*.sh print their gcloud commands), and create nothing: no
+#                            worktree, no OUT. Not shown here: each side's check that it imports its worktree's
+#                            sid, the .env link into it, and its log OUT/logs/SIDE.log
 #   -h, --help               this help
 #
 # Each ref is checked out as a detached git worktree, OUT/a and OUT/b. Both runs use ONE Python environment
@@ -47,6 +52,7 @@ while (($#)); do
     --zone) need_value "$@"; ZONE=$2; shift 2 ;;
     --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --no-bootstrap) BOOTSTRAP=0; shift ;;
+    --dry-run) DRY_RUN=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
@@ -71,14 +77,23 @@ SHA[a]=$(git -C "$SID_ROOT" rev-parse --verify --quiet "$A^{commit}") || die "un
 SHA[b]=$(git -C "$SID_ROOT" rev-parse --verify --quiet "$B^{commit}") || die "unknown ref '$B' in $SID_ROOT"
 declare -A REFNAME=([a]=$A [b]=$B)
 
-OUT=${OUT:-$SID_ROOT/workdir/compare/$(date +%Y%m%d-%H%M%S)}
+# $1 as an absolute path, creating nothing (so that --dry-run prints the paths a run uses).
+abs_path() {
+  local dir
+  if [[ -d $1 ]]; then
+    (cd "$1" && pwd)
+  elif [[ -d $(dirname "$1") ]]; then
+    dir=$(cd "$(dirname "$1")" && pwd)
+    printf '%s/%s\n' "${dir%/}" "$(basename "$1")"
+  elif [[ $1 == /* ]]; then
+    printf '%s\n' "$1"
+  else
+    printf '%s/%s\n' "$PWD" "$1"
+  fi
+}
+
+OUT=$(abs_path "${OUT:-$SID_ROOT/workdir/compare/$(date +%Y%m%d-%H%M%S)}")
 [[ ! -e $OUT/a && ! -e $OUT/b ]] || die "$OUT already has a/ or b/: pass another --out"
-mkdir -p "$OUT/configs" "$OUT/logs" "$OUT/runs"
-OUT=$(cd "$OUT" && pwd)
-for side in a b; do
-  cp "${CFG[train_$side]}" "$OUT/configs/train_$side.yaml"
-  cp "${CFG[eval_$side]}" "$OUT/configs/eval_$side.yaml"
-done
 
 if [[ $WHERE == local ]]; then
   export SID_DATA_ROOT=${SID_DATA_ROOT:-$SID_ROOT/../shared/data}
@@ -87,16 +102,35 @@ if [[ $WHERE == local ]]; then
 else
   resolve_tpu
   TPU_ARGS=(--name "$NAME" --zone "$ZONE" --project "$PROJECT")
+  ((!DRY_RUN)) || TPU_ARGS+=(--dry-run)
   [[ $(basename "$OUT") =~ ^[A-Za-z0-9._-]+$ ]] || die "--where tpu needs an --out whose name is [A-Za-z0-9._-]+"
   BASE=workdir/compare/$(basename "$OUT") # on the workers, relative to ~/sid
 fi
 
+run mkdir -p "$OUT/configs" "$OUT/logs" "$OUT/runs"
+for side in a b; do
+  run cp "${CFG[train_$side]}" "$OUT/configs/train_$side.yaml"
+  run cp "${CFG[eval_$side]}" "$OUT/configs/eval_$side.yaml"
+done
+
+# One side's train and eval commands, a line of shell text each. The python ($2), base directory ($3) and run
+# directory ($4) are shell text too: quoted paths (--dry-run), or "$variables" set by side_script.
+side_commands() {
+  local side=$1 py=$2 base=$3 run=$4 wandb
+  wandb=$(basename "$OUT")-$side-${SHA[$side]:0:7}
+  echo "$py -m sid.train --config $base/configs/train_$side.yaml --train.output-dir $run --eval.no-enabled" \
+    "--wandb.name $(shell_quote "$wandb")"
+  echo "$py -m sid.eval --config $base/configs/eval_$side.yaml --eval.checkpoint $run --output-dir $run/eval" \
+    "--wandb.name $(shell_quote "$wandb-eval")"
+}
+
 # One side's job, as one line of bash run from the checkout (here, or ~/sid on every TPU worker): check that
 # `sid` imports from the side's worktree, train, evaluate. Exit 3/4/5: wrong code / training / eval failed.
 side_script() {
-  local side=$1 py=$2
-  printf 'side=%s sha=%s base=%s py=%s wandb=%s; ' "$side" "${SHA[$side]:0:7}" "$(shell_quote "$BASE")" \
-    "$(shell_quote "$py")" "$(shell_quote "$(basename "$OUT")-$side-${SHA[$side]:0:7}")"
+  local side=$1 py=$2 cmds
+  # shellcheck disable=SC2016 # expanded by the script, not here
+  mapfile -t cmds < <(side_commands "$side" '"$py"' '"$base"' '"$run"')
+  printf 'side=%s sha=%s base=%s py=%s; ' "$side" "${SHA[$side]:0:7}" "$(shell_quote "$BASE")" "$(shell_quote "$py")"
   tr '\n' ' ' <<'EOF' | sed -e 's/  */ /g'
 set -euo pipefail;
 case $py in */*) py=$(cd "${py%/*}" && pwd)/${py##*/};; esac;
@@ -106,19 +140,32 @@ export PYTHONPATH="$wt${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1;
 src=$("$py" -c 'import os, sid; print(os.path.realpath(sid.__file__))');
 case $src in "$(cd "$wt" && pwd -P)"/*) ;; *) echo "compare: $side imports sid from $src, not from $wt" >&2; exit 3;; esac;
 echo "compare: $side at $sha: sid from $src; data root ${SID_DATA_ROOT:-../shared/data (default)}";
-"$py" -m sid.train --config "$base/configs/train_$side.yaml" --train.output-dir "$run" --eval.no-enabled
-  --wandb.name "$wandb" || { echo "compare: $side: training failed" >&2; exit 4; };
-"$py" -m sid.eval --config "$base/configs/eval_$side.yaml" --eval.checkpoint "$run" --output-dir "$run/eval"
-  --wandb.name "$wandb-eval" || { echo "compare: $side: evaluation failed" >&2; exit 5; };
 EOF
+  # shellcheck disable=SC2016
+  printf '%s || { echo "compare: $side: training failed" >&2; exit 4; }; ' "${cmds[0]}"
+  # shellcheck disable=SC2016
+  printf '%s || { echo "compare: $side: evaluation failed" >&2; exit 5; };' "${cmds[1]}"
+}
+
+# --dry-run, here: one side's train and eval commands with the environment side_script gives them.
+print_local_side() {
+  local side=$1 env line
+  env=$(quote_cmd env "SID_DATA_ROOT=$SID_DATA_ROOT" "PYTHONPATH=$OUT/$side${PYTHONPATH:+:$PYTHONPATH}" \
+    PYTHONSAFEPATH=1)
+  while IFS= read -r line; do
+    printf '%s %s\n' "$env" "$line"
+  done < <(side_commands "$side" "$(shell_quote "$PY")" "$(shell_quote "$OUT")" \
+    "$(shell_quote "$OUT/runs/$side-${SHA[$side]:0:7}")")
 }
 
 cleanup() {
   ((KEEP)) && return 0
   for side in a b; do
-    [[ ! -e $OUT/$side ]] || git -C "$SID_ROOT" worktree remove --force "$OUT/$side" || true
+    if [[ $WHERE == local ]] && { ((DRY_RUN)) || [[ -e $OUT/$side ]]; }; then
+      run git -C "$SID_ROOT" worktree remove --force "$OUT/$side" || true
+    fi
   done
-  git -C "$SID_ROOT" worktree prune || true
+  run git -C "$SID_ROOT" worktree prune || true
   if [[ $WHERE == tpu && ${REMOTE_READY-0} == 1 ]]; then
     "$SID_ROOT/ops/tpu_ssh.sh" "${TPU_ARGS[@]}" --worker all -- \
       "git worktree remove --force $BASE/a; git worktree remove --force $BASE/b; git worktree prune" || true
@@ -139,25 +186,27 @@ if [[ $WHERE == tpu ]]; then
   setup+=" git worktree add --detach --quiet $BASE/a ${SHA[a]}; git worktree add --detach --quiet $BASE/b ${SHA[b]}"
   "$SID_ROOT/ops/tpu_ssh.sh" "${TPU_ARGS[@]}" --worker all -- "$setup" ||
     die "could not check out ${SHA[a]} and ${SHA[b]} on $NAME: are both pushed to origin?"
-  run gcloud compute tpus tpu-vm scp "$OUT"/configs/*.yaml "$NAME:sid/$BASE/configs/" --zone="$ZONE" \
-    --project="$PROJECT" --worker=all
+  run gcloud compute tpus tpu-vm scp "$OUT"/configs/{eval,train}_{a,b}.yaml "$NAME:sid/$BASE/configs/" \
+    --zone="$ZONE" --project="$PROJECT" --worker=all
 else
   for side in a b; do
-    git -C "$SID_ROOT" worktree add --detach --quiet "$OUT/$side" "${SHA[$side]}"
+    run git -C "$SID_ROOT" worktree add --detach --quiet "$OUT/$side" "${SHA[$side]}"
   done
 fi
 
 declare -A WHY=([3]="its worktree's sid was not the one imported" [4]="training failed" [5]="evaluation failed")
 failed=()
-cd "$SID_ROOT"
+run cd "$SID_ROOT"
 for side in a b; do
-  echo "=== $side: ${REFNAME[$side]} (${SHA[$side]:0:7}), log $OUT/logs/$side.log" >&2
   if [[ $WHERE == local ]]; then
+    ((!DRY_RUN)) || { print_local_side "$side"; continue; }
     job=(bash -c "$(side_script "$side" "$PY")")
   else
     job=("$SID_ROOT/ops/tpu_ssh.sh" "${TPU_ARGS[@]}" --worker all ${ENV_ARGS[@]+"${ENV_ARGS[@]}"} --
       "$(side_script "$side" .venv/bin/python)")
+    ((!DRY_RUN)) || { "${job[@]}"; continue; }
   fi
+  echo "=== $side: ${REFNAME[$side]} (${SHA[$side]:0:7}), log $OUT/logs/$side.log" >&2
   if "${job[@]}" 2>&1 | tee "$OUT/logs/$side.log"; then
     continue
   else
@@ -171,7 +220,7 @@ if [[ $WHERE == tpu ]]; then
     "tar -czf $BASE/results.tgz -C $BASE --exclude=checkpoints runs" &&
     run gcloud compute tpus tpu-vm scp "$NAME:sid/$BASE/results.tgz" "$OUT/" --zone="$ZONE" \
       --project="$PROJECT" --worker=0 &&
-    tar -xzf "$OUT/results.tgz" -C "$OUT" && rm -f "$OUT/results.tgz" ||
+    run tar -xzf "$OUT/results.tgz" -C "$OUT" && run rm -f "$OUT/results.tgz" ||
     failed+=("copying the results back from $NAME (worker 0: ~/sid/$BASE/runs)")
 fi
 
@@ -185,9 +234,10 @@ compare_args=(--out "$OUT" --label-a "${labels[0]}" --label-b "${labels[1]}"
   --train-config "${CFG[train_a]}" --eval-config "${CFG[eval_a]}")
 [[ ${CFG[train_b]} == "${CFG[train_a]}" ]] || compare_args+=(--train-config-b "${CFG[train_b]}")
 [[ ${CFG[eval_b]} == "${CFG[eval_a]}" ]] || compare_args+=(--eval-config-b "${CFG[eval_b]}")
-PYTHONPATH=$SID_ROOT PYTHONSAFEPATH=1 "$PY" -m sid.compare "$OUT/runs/a-${SHA[a]:0:7}" "$OUT/runs/b-${SHA[b]:0:7}" \
-  "${compare_args[@]}" || failed+=("the report (python -m sid.compare)")
+run env "PYTHONPATH=$SID_ROOT" PYTHONSAFEPATH=1 "$PY" -m sid.compare "$OUT/runs/a-${SHA[a]:0:7}" \
+  "$OUT/runs/b-${SHA[b]:0:7}" "${compare_args[@]}" || failed+=("the report (python -m sid.compare)")
 
+((!DRY_RUN)) || exit 0 # the EXIT trap prints the clean-up
 echo "Report: $OUT/report.md"
 if ((${#failed[@]})); then
   printf 'FAILED: %s\n' "${failed[@]}" >&2

@@ -6,8 +6,9 @@
 #   make compare A=main B=HEAD TRAIN_CONFIG=configs/train/cpu/smoke.yaml EVAL_CONFIG=configs/eval/cpu/smoke.yaml
 #   make tpu-create compare WHERE=tpu TPU_NAME=sid-v6e ZONES=... A=... B=... TRAIN_CONFIG=... EVAL_CONFIG=...
 #   make tpu-delete TPU_NAME=sid-v6e
-# DRY_RUN=1 prints the gcloud commands of the tpu-* targets instead of running them; ASYNC=1 makes tpu-create and
-# tpu-delete return once requested; QUIET=1 deletes without asking; ON_DEMAND=1 creates on-demand, not spot.
+# DRY_RUN=1 prints the commands of every target (the gcloud commands of the tpu-* targets; the worktree, train,
+# eval and report commands of compare) instead of running them; ASYNC=1 makes tpu-create and tpu-delete return
+# once requested; QUIET=1 deletes without asking; ON_DEMAND=1 creates on-demand, not spot.
 
 OPS := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 
@@ -65,4 +66,4 @@ compare: $(STAMP)
 		$(call opt,--train-config,$(TRAIN_CONFIG)) $(call opt,--eval-config,$(EVAL_CONFIG)) \
 		$(call opt,--train-config-b,$(TRAIN_CONFIG_B)) $(call opt,--eval-config-b,$(EVAL_CONFIG_B)) \
 		--where $(call shq,$(WHERE)) $(if $(filter tpu,$(WHERE)),$(call opt,--name,$(TPU_NAME)) \
-		$(call opt,--zone,$(ZONE)) $(call opt,--project,$(PROJECT)))
+		$(call opt,--zone,$(ZONE)) $(call opt,--project,$(PROJECT))) $(if $(DRY_RUN),--dry-run)

@@ -822,3 +822,162 @@ def test_make_tpu_create_compare_on_a_fake_tpu(gcloud, remote, project, tmp_path
     # The workers' worktrees are gone; their run directories (with checkpoints) stay.
     assert _worktrees(remote / "sid") == [f"worktree {remote / 'sid'}"]
     shutil.rmtree(project / "workdir")
+
+
+# --- compare.sh --dry-run ---------------------------------------------------------------------------------------------
+
+COMPARE_ARGS = ["--train-config", "configs/train.yaml", "--eval-config", "configs/eval.yaml"]
+
+
+def _echoed(stderr: str) -> list[str]:
+    """The commands a real run echoed ('+ CMD' on stderr, as ops/common.sh's `run` does)."""
+    return [line[2:] for line in stderr.splitlines() if line.startswith("+ ")]
+
+
+def _shas(project: Path) -> dict[str, str]:
+    return {"a": _git(project, "rev-parse", "v1"), "b": _git(project, "rev-parse", "v2")}
+
+
+def _dry_run_setup(out: Path) -> list[list[str]]:
+    """The first commands of every compare: the results directory and the presets copied into it."""
+    copies = [["cp", f"configs/{k}.yaml", f"{out}/configs/{k}_{s}.yaml"] for s in "ab" for k in ("train", "eval")]
+    return [["mkdir", "-p", f"{out}/configs", f"{out}/logs", f"{out}/runs"], *copies]
+
+
+def _dry_run_report(project: Path, out: Path, sha: dict[str, str]) -> list[str]:
+    runs = [f"{out}/runs/{s}-{sha[s][:7]}" for s in "ab"]
+    labels = ["--label-a", f"v1 @ {sha['a'][:7]}", "--label-b", f"v2 @ {sha['b'][:7]}"]
+    env = ["env", f"PYTHONPATH={project}", "PYTHONSAFEPATH=1"]
+    return [*env, PY, "-m", "sid.compare", *runs, "--out", str(out), *labels, *COMPARE_ARGS]
+
+
+def test_compare_dry_run_local_prints_what_a_run_executes(project, tmp_path):
+    """The printed commands, checked by hand and then against a real run with the same arguments: the echoed
+    commands match line for line, and the stand-ins received the printed train/eval argv and environment."""
+    out = tmp_path / "out"
+    env = _compare_env(tmp_path)
+    env.pop("PYTHONPATH", None)
+    args = ["--a", "v1", "--b", "v2", *COMPARE_ARGS, "--out", str(out)]
+    dry = ops("compare.sh", *args, "--dry-run", env=env, root=project)
+    assert dry.returncode == 0, dry.stderr
+    assert not out.exists() and _worktrees(project) == [f"worktree {project}"]
+
+    sha = _shas(project)
+    git = ["git", "-C", str(project), "worktree"]
+    expected = [
+        *_dry_run_setup(out),
+        *([*git, "add", "--detach", "--quiet", f"{out}/{s}", sha[s]] for s in "ab"),
+        ["cd", str(project)],
+    ]
+    for side in "ab":
+        run, wandb = f"{out}/runs/{side}-{sha[side][:7]}", f"out-{side}-{sha[side][:7]}"
+        env_words = ["env", f"SID_DATA_ROOT={tmp_path / 'data'}", f"PYTHONPATH={out}/{side}", "PYTHONSAFEPATH=1", PY]
+        expected += [
+            [*env_words, "-m", "sid.train", "--config", f"{out}/configs/train_{side}.yaml"]
+            + ["--train.output-dir", run, "--eval.no-enabled", "--wandb.name", wandb],
+            [*env_words, "-m", "sid.eval", "--config", f"{out}/configs/eval_{side}.yaml"]
+            + ["--eval.checkpoint", run, "--output-dir", f"{run}/eval", "--wandb.name", f"{wandb}-eval"],
+        ]
+    expected += [
+        _dry_run_report(project, out, sha),
+        [*git, "remove", "--force", f"{out}/a"],
+        [*git, "remove", "--force", f"{out}/b"],
+        [*git, "prune"],
+    ]
+    lines = dry.stdout.splitlines()
+    assert [shlex.split(line) for line in lines] == expected
+
+    real = ops("compare.sh", *args, env=env, root=project)
+    assert real.returncode == 0, real.stdout + real.stderr
+    side_lines = lines[8:12]  # a: train, eval; b: train, eval
+    assert _echoed(real.stderr) == lines[:8] + lines[12:]
+    for i, (side, tag) in enumerate((("a", "v1"), ("b", "v2"))):
+        train, evaluation = (shlex.split(line) for line in side_lines[2 * i : 2 * i + 2])
+        summary = _summary(out, side, tag, project)
+        assert summary["facts"]["argv"] == train[train.index("sid.train") + 1 :]
+        eval_dir = Path(train[train.index("--train.output-dir") + 1]) / "eval"
+        assert (
+            json.loads((eval_dir / "run_summary.json").read_text())["argv"]
+            == evaluation[evaluation.index("sid.eval") + 1 :]
+        )
+        assert summary["facts"]["data_root"] == train[1].removeprefix("SID_DATA_ROOT=")
+        assert summary["facts"]["code"] == f"{train[2].removeprefix('PYTHONPATH=')}/sid/train.py"
+
+
+def test_compare_dry_run_tpu_prints_the_gcloud_commands_a_run_executes(gcloud, remote, project, tmp_path):
+    """--where tpu --dry-run: the tpu scripts' own dry-run lines (gcloud) plus the local steps; then a real run
+    with the same arguments on the fake TPU calls gcloud with exactly the printed argv, in order."""
+    env, calls = gcloud
+    shutil.rmtree(remote / "sid")
+    env["SID_PYTHON"] = PY
+    out = tmp_path / "cmp1"
+    args = ["--a", "v1", "--b", "v2", *COMPARE_ARGS, "--out", str(out)]
+    args += ["--where", "tpu", "--name", "t1", "--zone", "z", "--project", "p"]
+    dry = ops("compare.sh", *args, "--dry-run", env=env, root=project)
+    assert dry.returncode == 0, dry.stderr
+    assert calls() == [] and not out.exists()
+
+    sha, base = _shas(project), "workdir/compare/cmp1"
+    words = [shlex.split(line) for line in dry.stdout.splitlines()]
+    gcloud_calls = [w[1:] for w in words if w[0] == "gcloud"]
+    assert [c[3] for c in gcloud_calls] == ["ssh", "ssh", "scp", "ssh", "ssh", "ssh", "scp", "ssh"]
+    bootstrap, setup, side_a, side_b, tar, remove = ssh = [c for c in gcloud_calls if c[3] == "ssh"]
+    assert [c[:-1] for c in ssh] == [ssh_argv(w, "")[:-1] for w in ("all", "all", "all", "all", "0", "all")]
+    assert f"fetch --quiet origin {sha['b']}" in bootstrap[-1]
+    assert f"git worktree add --detach --quiet {base}/b {sha['b']}" in setup[-1]
+    for side, command in (("a", side_a[-1]), ("b", side_b[-1])):
+        assert f"side={side} sha={sha[side][:7]} base={base} py=.venv/bin/python;" in command
+        assert f'"$py" -m sid.train --config "$base"/configs/train_{side}.yaml --train.output-dir "$run"' in command
+        assert f'"$py" -m sid.eval --config "$base"/configs/eval_{side}.yaml' in command
+    assert f"tar -czf {base}/results.tgz" in tar[-1] and f"git worktree remove --force {base}/a" in remove[-1]
+    configs = [f"{out}/configs/{k}_{s}.yaml" for k in ("eval", "train") for s in "ab"]
+    scp = [f"t1:sid/{base}/configs/", "--zone=z", "--project=p", "--worker=all"]
+    assert gcloud_calls[2] == ["compute", "tpus", "tpu-vm", "scp", *configs, *scp]
+    assert [w for w in words if w[0] != "gcloud"] == [
+        *_dry_run_setup(out),
+        ["cd", str(project)],
+        ["tar", "-xzf", f"{out}/results.tgz", "-C", str(out)],
+        ["rm", "-f", f"{out}/results.tgz"],
+        _dry_run_report(project, out, sha),
+        ["git", "-C", str(project), "worktree", "prune"],
+    ]
+
+    real = ops("compare.sh", *args, env=env, root=project)
+    assert real.returncode == 0, real.stdout + real.stderr
+    assert calls() == gcloud_calls
+    local = [line for line in dry.stdout.splitlines() if not line.startswith("gcloud ")]
+    assert [line for line in _echoed(real.stderr) if not line.startswith("gcloud ")] == local
+    assert (out / "report.md").is_file()
+
+
+def test_make_compare_dry_run_creates_nothing(project, tmp_path):
+    """DRY_RUN=1 reaches compare.sh through the Makefile; the default output directory is not created."""
+    compare_dir = project / "workdir" / "compare"
+    before = set(compare_dir.iterdir()) if compare_dir.exists() else set()
+    r = subprocess.run(
+        ["make", "-s", "-C", str(project), "compare", "DRY_RUN=1", "A=v1", "B=v1"]
+        + ["TRAIN_CONFIG=configs/train.yaml", "EVAL_CONFIG=configs/eval.yaml"],
+        env=_compare_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    [mkdir, *_] = (shlex.split(line) for line in r.stdout.splitlines())
+    assert mkdir[:2] == ["mkdir", "-p"] and Path(mkdir[2]).parent.parent == compare_dir
+    assert sum("-m sid.train" in line for line in r.stdout.splitlines()) == 2
+    assert (set(compare_dir.iterdir()) if compare_dir.exists() else set()) == before
+    assert _worktrees(project) == [f"worktree {project}"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--a", "v1", "--b", "nope", *COMPARE_ARGS], "unknown ref 'nope'"),
+        (["--a", "v1", "--b", "v2", "--train-config", "missing.yaml", "--eval-config", "x"], "config file not found"),
+        (["--a", "v1", "--b", "v2", *COMPARE_ARGS, "--where", "tpu", "--zone", "z"], "pass --name NAME"),
+    ],
+)
+def test_compare_dry_run_still_checks_its_input(project, tmp_path, args, message):
+    r = ops("compare.sh", *args, "--dry-run", "--out", str(tmp_path / "out"), env=_compare_env(tmp_path), root=project)
+    assert r.returncode != 0 and message in r.stderr and r.stdout == ""
+    assert not (tmp_path / "out").exists()
