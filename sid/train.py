@@ -20,7 +20,7 @@ from sid.compat.hf import export_qwen2
 from sid.config import cli
 from sid.data.config import TokenizerConfig
 from sid.data.pipeline import BatchPlan
-from sid.data.tasks import build_sft_samples, encode, load_split, synthetic_dir
+from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
@@ -56,8 +56,7 @@ def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
         interactions, catalog, dataclasses.replace(job.tasks, alignment=False), job.data.category_text
     )
     plan = BatchPlan(
-        samples,
-        lambda s: encode(s, tok, job.data.max_len),
+        encode_all(samples, tok, job.data.max_len),
         rows_per_step=job.train.per_device_batch_size * data_parallel_size(mesh),
         max_len=job.data.max_len,
         pack=job.data.pack,
@@ -123,8 +122,7 @@ def run_train(job: TrainJob) -> dict:
     samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
     global_rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
     plan = BatchPlan(
-        samples,
-        lambda s: encode(s, tok, job.data.max_len),
+        encode_all(samples, tok, job.data.max_len),
         rows_per_step=global_rows,
         max_len=job.data.max_len,
         pack=job.data.pack,

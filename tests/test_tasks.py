@@ -9,7 +9,7 @@ import pytest
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
 from sid.data.errors import CSVSyntaxError, MissingTitlesError
 from sid.data.minionerec import load_catalog, read_csv
-from sid.data.tasks import build_sft_samples, encode, eval_prompts, load_split
+from sid.data.tasks import build_sft_samples, encode, encode_all, eval_prompts, load_split
 from sid.data.tokenizer import build_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -176,3 +176,17 @@ def test_load_split_sources(shared_data, tmp_path):
         load_split(bad, "test")
     rows, _, report = load_split(dataclasses.replace(bad, on_bad_row="skip"), "test")
     assert len(rows) == 2 and report.total == 8 and report.as_dict()["on_bad_row"] == "skip"
+
+
+def test_encode_all_equals_encode_one_by_one(shared_data):
+    rows, catalog, _ = load_split(
+        DataConfig(source="minionerec", dir=str(shared_data / "minionerec_industrial")), "test"
+    )
+    tok = build_tokenizer(TokenizerConfig(path=str(shared_data / "qwen2_tokenizer")), catalog.sid_tokens())
+    samples = build_sft_samples(rows[:40], catalog, TasksConfig(title_history=True), "industrial and scientific items")
+    for max_len in (512, 64):
+        for got, want in zip(
+            encode_all(samples, tok, max_len), [encode(s, tok, max_len) for s in samples], strict=True
+        ):
+            assert got["input_ids"].dtype == want["input_ids"].dtype
+            assert (got["input_ids"] == want["input_ids"]).all() and (got["loss_mask"] == want["loss_mask"]).all()

@@ -144,9 +144,18 @@ def build_sft_samples(
 def encode(sample: Sample, tok: SIDTokenizer, max_len: int) -> dict[str, np.ndarray]:
     """`input_ids` (int32) and `loss_mask` (bool; True on completion + EOS) of one sample, truncated from the left
     to `max_len`. Prompt and completion are tokenized separately and concatenated, as upstream does."""
-    prompt = tok.encode(sample.prompt)
-    completion = tok.encode(sample.completion) + [tok.eos_id]
-    ids = np.asarray(prompt + completion, dtype=np.int32)
+    return _assemble(tok.encode(sample.prompt), tok.encode(sample.completion), tok.eos_id, max_len)
+
+
+def encode_all(samples: Sequence[Sample], tok: SIDTokenizer, max_len: int) -> list[dict[str, np.ndarray]]:
+    """`encode` for many samples at once: the tokenizer's batch call runs on every core."""
+    prompts = tok.encode_batch([s.prompt for s in samples])
+    completions = tok.encode_batch([s.completion for s in samples])
+    return [_assemble(p, c, tok.eos_id, max_len) for p, c in zip(prompts, completions, strict=True)]
+
+
+def _assemble(prompt: list[int], completion: list[int], eos_id: int, max_len: int) -> dict[str, np.ndarray]:
+    ids = np.asarray(prompt + completion + [eos_id], dtype=np.int32)
     mask = np.arange(len(ids)) >= len(prompt)
     return {"input_ids": ids[-max_len:], "loss_mask": mask[-max_len:]}
 
