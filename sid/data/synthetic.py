@@ -23,6 +23,11 @@ import os
 import random
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from sid.data.config import TasksConfig
+from sid.data.minionerec import CSV_COLUMNS, load_catalog, read_csv
+
 P_SUCCESSOR = 0.8
 P_SAME_CLUSTER = 0.15
 MIN_LEN, MAX_LEN = 5, 15
@@ -151,19 +156,10 @@ def write_synthetic(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    header = [
-        "user_id",
-        "history_item_title",
-        "item_title",
-        "history_item_id",
-        "item_id",
-        "history_item_sid",
-        "item_sid",
-    ]
     for split, rows in splits.items():
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
+        writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
         _write(out / f"{split}.csv", buf.getvalue().encode("utf-8"))
     info = "".join(f"{sids[i]}\t{titles[i]}\t{i}\n" for i in range(num_items))
@@ -179,11 +175,7 @@ def write_synthetic(
 def _write_tokenizer(out: Path, category: str) -> None:
     """A small byte-level BPE (tokenizer.json, 512 tokens) trained on this catalog's SFT text, so the embedded
     data needs no download and a tiny model trains on a CPU (Qwen's 151k vocab would dominate its cost)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from sid.data.config import TasksConfig
-    from sid.data.minionerec import load_catalog, read_csv
-    from sid.data.tasks import build_sft_samples
+    from sid.data.tasks import build_sft_samples  # tasks imports this module (load_split)
 
     catalog = load_catalog(out, category)
     rows = read_csv(out / "train.csv", catalog)[:200]
