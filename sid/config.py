@@ -13,6 +13,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -167,3 +168,20 @@ def cli(cls: type[T], *, args: list[str] | None = None, description: str | None 
     doc = (description or (cls.__doc__ or "")).strip()
     doc += "\n\nStart from a YAML preset with --config PATH; every flag below overrides it."
     return tyro.cli(cls, default=base, args=argv, description=doc)
+
+
+def run_cli(cls: type[T], run: Callable[[T], object], argv: list[str] | None = None) -> int:
+    """An entry point's body: parse the job, run it. Errors of the user's input (a bad config, a bad data row, a
+    missing file) and a non-finite loss end the process with one clear line instead of a traceback."""
+    from sid.data.errors import DataError
+    from sid.trainer import NonFiniteLoss
+
+    try:
+        run(cli(cls, args=argv))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sid.config import cli
+from sid.config import run_cli
 from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
@@ -165,9 +165,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    job = cli(NanoGPTJob, args=argv)
-    run_nanogpt(job)
-    return 0
+    return run_cli(NanoGPTJob, run_nanogpt, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from sid.compat.hf import export_qwen2
-from sid.config import cli
+from sid.config import run_cli
 from sid.data.config import TokenizerConfig
 from sid.data.pipeline import BatchPlan
 from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
@@ -172,9 +172,7 @@ def run_train(job: TrainJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    job = cli(TrainJob, args=argv)
-    run_train(job)
-    return 0
+    return run_cli(TrainJob, run_train, argv)
 
 
 if __name__ == "__main__":

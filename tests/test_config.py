@@ -131,3 +131,48 @@ def test_help_lists_every_field_with_its_docstring(module, job):
         assert "--" + name.replace("_", "-") in text, name
     assert "Peak learning rate" in text or module == "sid.eval"
     assert "--config" in text
+
+
+def test_cli_reports_a_bad_preset_in_one_line(tmp_path):
+    bad = write(tmp_path, "train:\n  lerning_rate: 1.0e-3\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "sid.train", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip()
+        == f"error: {bad}: unknown key 'train.lerning_rate' (known keys in this section: "
+        + ", ".join(f.name for f in dataclasses.fields(TrainJob().train.__class__))
+        + ")"
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_reports_missing_data_in_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sid.train",
+            "--config",
+            str(ROOT / "configs/train/cpu/smoke.yaml"),
+            "--data.source",
+            "minionerec",
+            "--data.dir",
+            str(tmp_path / "nowhere"),
+            "--train.output-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+    )
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: index file ") and str(tmp_path / "nowhere") in last
+    assert "Traceback" not in out.stderr

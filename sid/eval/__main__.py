@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from sid.compat.hf import load_qwen2
-from sid.config import cli
+from sid.config import run_cli
 from sid.data.config import TokenizerConfig
 from sid.data.tasks import load_split
 from sid.eval.runner import evaluate
@@ -72,8 +72,7 @@ def run_eval(job: EvalJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run_eval(cli(EvalJob, args=argv))
-    return 0
+    return run_cli(EvalJob, run_eval, argv)
 
 
 if __name__ == "__main__":
