@@ -72,9 +72,9 @@ def peak_flops_per_device() -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)
 
 
-def _accumulate(params_static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh):
-    """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32)."""
-    static = params_static
+def _accumulate(static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh, param_sharding):
+    """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32, the
+    accumulator sharded like the params so FSDP never holds a full copy)."""
 
     def micro(carry, xs):
         g_acc, l_acc, n_acc = carry
@@ -86,11 +86,14 @@ def _accumulate(params_static, loss_fn: LossFn, params, batch, key, accum: int, 
 
         (l, n), g = jax.value_and_grad(f, has_aux=True)(params)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        g_acc = jax.lax.with_sharding_constraint(g_acc, param_sharding)
         return (g_acc, l_acc + l, n_acc + n), None
 
     # Each device's contiguous rows hold all micro-batches, so splitting them needs no communication.
     micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), param_sharding
+    )
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
     (g, l, n), _ = jax.lax.scan(micro, init, (micro_batches, jax.random.split(key, accum)))
     denom = jnp.maximum(n, 1).astype(jnp.float32)
@@ -111,7 +114,9 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict[str, Array]):
         key = jax.random.fold_in(state.key, state.step)
-        grads, loss, n_tokens = _accumulate(static, loss_fn, state.params, batch, key, accum, mesh)
+        grads, loss, n_tokens = _accumulate(
+            static, loss_fn, state.params, batch, key, accum, mesh, state_sharding.params
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
