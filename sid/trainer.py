@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
+from sid.config import ConfigError
 from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_shardings
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
@@ -148,6 +149,8 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, Callable[[Array], Array]]:
     """The optimizer with its warmup/decay schedules (main and aux LR) and the main schedule for logging;
     prints which parameters go to which update rule."""
+    if cfg.warmup_steps > total_steps:
+        raise ConfigError(f"train.warmup_steps={cfg.warmup_steps} is more than the run's {total_steps} steps")
     kw = dict(warmup_steps=cfg.warmup_steps, total_steps=total_steps, kind=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     lr = make_schedule(cfg.learning_rate, **kw)
     optimizer = opt_cfg.build(

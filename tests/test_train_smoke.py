@@ -4,6 +4,10 @@ the 48 first-level codes), then `sid.eval` on the exported run giving the same p
 
 import dataclasses
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,3 +116,93 @@ def test_industrial_sft_end_to_end(tmp_path, tiny_hf_qwen2, shared_data):
     )
     assert again["eval"]["hr"] == ev["hr"] and again["eval"]["ndcg"] == ev["ndcg"]
     assert json.loads((tmp_path / "eval" / "predictions.json").read_text()) == predictions
+
+
+def tiny_scratch_job(tmp_path, data, tasks, eval_cfg):
+    return replace(
+        load_yaml(TrainJob, ROOT / "configs/train/cpu/smoke.yaml"),
+        model={"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "vocab_multiple": 128},
+        tokenizer={"path": "qwen2_tokenizer"},
+        data=data,
+        tasks=tasks,
+        train={
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 1,
+            "warmup_steps": 0,
+            "per_device_batch_size": 1,
+            "log_every": 1,
+        },
+        eval=eval_cfg,
+    )
+
+
+def test_bad_rows_are_skipped_and_counted_in_run_summary(tmp_path):
+    fixture = ROOT / "tests/fixtures/tiny"
+    data = {
+        "source": "minionerec",
+        "dir": str(fixture),
+        "category": "Fixture",
+        "train_file": "mixed_bad.csv",
+        "valid_file": "good.csv",
+        "test_file": "good.csv",
+        "max_len": 256,
+        "on_bad_row": "skip",
+    }
+    tasks = {"next_sid": True, "alignment": False, "fusion": False, "eval_prompt": "eval"}
+    eval_cfg = {"num_beams": 5, "topk": (1, 5), "per_device_batch_size": 1, "prompt_buckets": (256,)}
+    summary = run_train(tiny_scratch_job(tmp_path, data, tasks, eval_cfg))
+    bad = summary["data"]["bad_rows"]
+    assert summary["data"]["train_rows"] == 2 and bad["total"] == 8 and sum(bad["counts"].values()) == 8
+    assert all("mixed_bad.csv:" in example for example in bad["examples"])
+    assert summary["eval"]["invalid_prediction_count"] == 0
+
+    strict = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sid.train",
+            "--config",
+            str(ROOT / "configs/train/cpu/smoke.yaml"),
+            "--data.source",
+            "minionerec",
+            "--data.dir",
+            str(fixture),
+            "--data.category",
+            "Fixture",
+            "--data.train-file",
+            "mixed_bad.csv",
+            "--tokenizer.path",
+            "qwen2_tokenizer",
+            "--train.output-dir",
+            str(tmp_path / "strict"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "XLA_FLAGS": ""},
+    )
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    assert re.search(r"error: .*mixed_bad\.csv:4: field '", strict.stderr.splitlines()[-1]), strict.stderr[-500:]
+
+
+def test_letter_instruments_end_to_end(tmp_path, shared_data):
+    data = {"source": "letter", "dir": "letter_instruments", "category": "Instruments", "max_len": 256}
+    tasks = {"next_sid": True, "alignment": False, "fusion": False, "eval_prompt": "eval"}
+    eval_cfg = {
+        "num_beams": 10,
+        "topk": (1, 10),
+        "per_device_batch_size": 1,
+        "max_samples": 8,
+        "prompt_buckets": (256, 512),
+    }
+    summary = run_train(tiny_scratch_job(tmp_path, data, tasks, eval_cfg))
+    assert summary["token_extension"]["sid_levels"] == 4
+    assert summary["data"]["train_rows"] == 131_837
+    predictions = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    catalog = {
+        tuple(v) for v in json.loads((shared_data / "letter_instruments/Instruments.index.json").read_text()).values()
+    }
+    for p in predictions:
+        assert len(p["predict"]) == 10
+        for sid in p["predict"]:
+            assert tuple(re.findall(r"<[a-d]_\d+>", sid)) in catalog
