@@ -128,6 +128,23 @@ def child_result(spec: dict[str, Any], measure) -> dict[str, Any]:
         return {**spec, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
+def serve_child(args, measures: dict[str, Any]) -> bool:
+    """In a child process (`--child SPEC`): measure SPEC with `measures[spec["framework"]]`, write the result to
+    `--out` and return True; in the parent return False."""
+    if not args.child:
+        return False
+    spec = json.loads(args.child)
+    write_json(args.out, child_result(spec, measures[spec["framework"]]))
+    return True
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a GPU (asking creates no CUDA context)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def write_json(path: str | Path, record: dict[str, Any]) -> None:
     """Write `record` as indented JSON (parent directories created)."""
     path = Path(path)

@@ -21,7 +21,6 @@ first --hf-samples prompts (batches of --hf-batch, one untimed warmup batch); th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,13 +29,14 @@ from typing import Any
 import numpy as np
 from common import (
     arch_config,
-    child_result,
+    cuda_available,
     hf_qwen2_config,
     host_environment,
     jax_environment,
     jax_memory,
     markdown_table,
     run_child,
+    serve_child,
     write_json,
 )
 
@@ -240,14 +240,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        spec = json.loads(args.child)
-        write_json(args.out, child_result(spec, measure_hf if spec["framework"] == "hf" else measure_jax))
+    if serve_child(args, {"hf": measure_hf, "jax": measure_jax}):
         return 0
     if args.hf == "auto":
-        import torch
-
-        args.hf = "on" if torch.cuda.is_available() else "off"
+        args.hf = "on" if cuda_available() else "off"
     spec = {k: v for k, v in vars(args).items() if k not in ("out", "child", "tiny", "hf")}
     ours = run_child(__file__, dict(spec, framework="jax"))
     hf = run_child(__file__, dict(spec, framework="hf")) if args.hf == "on" else None

@@ -18,7 +18,6 @@ causal sample per row (HF's sdpa path has no packed-segment masks; its attention
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -30,13 +29,14 @@ from common import (
     INDUSTRIAL_SID_TOKENS,
     QWEN25_TOKENS,
     arch_config,
-    child_result,
+    cuda_available,
     hf_qwen2_config,
     host_environment,
     jax_environment,
     jax_memory,
     markdown_table,
     run_child,
+    serve_child,
     write_json,
 )
 
@@ -273,14 +273,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.child:
-        spec = json.loads(args.child)
-        write_json(args.out, child_result(spec, measure_torch if spec["framework"] == "torch" else measure_jax))
+    if serve_child(args, {"torch": measure_torch, "jax": measure_jax}):
         return 0
     if args.torch == "auto":
-        import torch  # no CUDA context is created by asking
-
-        args.torch = "on" if torch.cuda.is_available() else "off"
+        args.torch = "on" if cuda_available() else "off"
     specs = []
     for arch in args.archs:
         vocab = 1000 if arch == "tiny" else QWEN25_TOKENS + INDUSTRIAL_SID_TOKENS
