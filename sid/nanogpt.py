@@ -45,8 +45,7 @@ def gpt_loss(model: GPT, batch, key):
 def flops_per_token(model: GPT) -> float:
     """Karpathy's estimate: 6N for the matmuls (position embeddings excluded) + 12·L·D·T for attention."""
     c = model.config
-    n = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) - model.wpe.size
-    return 6.0 * n + 12.0 * c.n_layer * c.n_embd * c.block_size
+    return 6.0 * model.num_params() + 12.0 * c.n_layer * c.n_embd * c.block_size
 
 
 def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int):
