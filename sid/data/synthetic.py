@@ -114,13 +114,15 @@ def _sequences(
     return seqs
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write atomically, and not at all when the file already has these bytes (concurrent hosts, stable mtime)."""
+def _write(path: Path, data: bytes) -> bool:
+    """Write atomically, and not at all when the file already has these bytes (concurrent hosts, stable mtime).
+    Returns whether the file changed."""
     if path.is_file() and path.read_bytes() == data:
-        return
+        return False
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+    return True
 
 
 def write_synthetic(
@@ -156,19 +158,21 @@ def write_synthetic(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    changed = False
     for split, rows in splits.items():
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         writer.writerows(rows)
-        _write(out / f"{split}.csv", buf.getvalue().encode("utf-8"))
+        changed |= _write(out / f"{split}.csv", buf.getvalue().encode("utf-8"))
     info = "".join(f"{sids[i]}\t{titles[i]}\t{i}\n" for i in range(num_items))
-    _write(out / "info.txt", info.encode("utf-8"))
+    changed |= _write(out / "info.txt", info.encode("utf-8"))
     index = {str(i): [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"] for i, (a, b, c) in enumerate(codes)}
-    _write(out / f"{category}.index.json", json.dumps(index).encode("utf-8"))
+    changed |= _write(out / f"{category}.index.json", json.dumps(index).encode("utf-8"))
     items = {str(i): {"title": titles[i], "description": "", "brand": "", "categories": ""} for i in range(num_items)}
-    _write(out / f"{category}.item.json", json.dumps(items, indent=2).encode("utf-8"))
-    _write_tokenizer(out, category)
+    changed |= _write(out / f"{category}.item.json", json.dumps(items, indent=2).encode("utf-8"))
+    if changed or not (out / "tokenizer.json").is_file():  # same files, same tokenizer: skip retraining
+        _write_tokenizer(out, category)
     return out
 
 
