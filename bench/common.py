@@ -115,8 +115,12 @@ def run_child(script: str | Path, spec: dict[str, Any]) -> dict[str, Any]:
         out = Path(tmp) / "result.json"
         proc = subprocess.run([sys.executable, str(script), "--child", json.dumps(spec), "--out", str(out)])
         if not out.is_file():
-            return {**spec, "error": f"child exited with status {proc.returncode} without a result (see its log)"}
-        return json.loads(out.read_text())
+            result = {**spec, "error": f"child exited with status {proc.returncode} without a result (see its log)"}
+        else:
+            result = json.loads(out.read_text())
+    # One line per configuration as it finishes, so a sweep cut short still leaves what it measured in its log.
+    print(f"[bench result] {json.dumps(result)}", flush=True)
+    return result
 
 
 def child_result(spec: dict[str, Any], measure) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     mesh = make_mesh(MeshConfig())
     trie = build_trie(catalog.sids, {t: tok.token_id(t) for t in catalog.sid_tokens()}, end_ids(tok))
     t0 = time.perf_counter()
-    model, _ = build_model(arch_config(spec["arch"], seed=spec["seed"]), tok)
+    model, _ = build_model(arch_config(spec["arch"], seed=spec["seed"], attention=spec["attention"]), tok)
     model = jax.device_put(model, param_shardings(model, mesh))
     jax.block_until_ready(model)
     init_s = time.perf_counter() - t0
@@ -211,6 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--beams", type=int, default=50)
     p.add_argument("--batch", type=int, default=64, help="prompts per beam-search call (a multiple of the devices)")
     p.add_argument("--samples", type=int, default=0, help="first N test prompts (0: all 4,533)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument(
         "--buckets",
         type=lambda s: [int(x) for x in s.split(",")],

@@ -42,8 +42,8 @@ class ModelConfig:
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Activation/matmul dtype; params stay float32, softmax, norms and logits are float32."""
     attention: Literal["auto", "xla", "cudnn"] = "auto"
-    """`jax.nn.dot_product_attention` implementation: auto = JAX's choice (XLA in jax 0.10/0.11), xla, or cudnn
-    (cuDNN fused attention, GPU only)."""
+    """`jax.nn.dot_product_attention` implementation: auto = cuDNN fused attention on a GPU with bf16 compute
+    where cuDNN accepts the shapes, XLA otherwise; xla; or cudnn (GPU only)."""
     new_token_init: Literal["mean", "normal"] = "mean"
     """How embedding rows added for SID tokens are initialised: the mean of the existing rows, or N(0, init_std)."""
     vocab_multiple: int = 128

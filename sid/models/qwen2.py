@@ -4,9 +4,10 @@ Architecture as in HF `Qwen2ForCausalLM`: grouped-query attention with q/k/v bia
 an LM head tied to the embedding or not exactly as `ModelConfig.tie_word_embeddings` says. The decoder layers are
 one `Qwen2Layer` whose arrays carry a leading [num_layers] axis and are run by `jax.lax.scan`.
 
-Masking: every attention call goes through `jax.nn.dot_product_attention` with a boolean mask built by one helper,
-`attention_mask`, from per-token segment ids and order indices. That one rule covers causal training rows, packed
-rows (attention never crosses segments), left or right padding (segment 0), and cached decoding.
+Masking: every attention call goes through `dot_product_attention` (cuDNN fused attention on a GPU where it fits,
+XLA otherwise) with a boolean mask built by one helper, `attention_mask`, from per-token segment ids and order
+indices. That one rule covers causal training rows, packed rows (attention never crosses segments), left or right
+padding (segment 0), and cached decoding.
 
 Generation: `prefill` runs the (left-padded) prompts once and returns a `PrefixCache`; `decode` runs K continuations
 ("beams") per prompt one token at a time. The beams share the prompt's KV and each has a small `SuffixCache` slot
@@ -53,15 +54,35 @@ def attention_mask(
     return (((ks == qs) | (ks == SHARED_SEGMENT)) & (ki <= qi))[:, None]
 
 
-def _implementation(name: str) -> str | None:
-    """`ModelConfig.attention` to `jax.nn.dot_product_attention(implementation=...)`."""
-    if name == "auto":
-        return None  # JAX picks (XLA in jax 0.10/0.11).
-    if name == "cudnn" and jax.default_backend() != "gpu":
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _cudnn_fits(q: Array) -> bool:
+    """Whether cuDNN fused attention can take these queries: a GPU backend, 16-bit inputs, head_dim a multiple
+    of 8 up to 128 (what jax's cuDNN path accepts for flash attention)."""
+    head_dim = q.shape[-1]
+    return jax.default_backend() == "gpu" and q.dtype in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementation: str) -> Array:
+    """`jax.nn.dot_product_attention` with the `ModelConfig.attention` policy.
+
+    auto: cuDNN fused attention where it fits (GPU, bf16/fp16, head_dim <= 128), else XLA. jax checks cuDNN's
+    constraints while tracing, so a shape it refuses falls back to XLA here instead of failing the run.
+    xla / cudnn: exactly that implementation (cudnn raises off-GPU).
+    """
+    if implementation == "auto":
+        if _cudnn_fits(q):
+            try:
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass
+        implementation = "xla"
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"attention='cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'auto'")
-    if name not in ("xla", "cudnn"):
-        raise ValueError(f"unknown attention implementation {name!r}: expected 'auto', 'xla' or 'cudnn'")
-    return name
+    if implementation not in ("xla", "cudnn"):
+        raise ValueError(f"unknown attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 class Attention(eqx.Module):
@@ -240,7 +261,7 @@ class Qwen2(eqx.Module):
         )
 
     def _attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=_implementation(self.config.attention))
+        return dot_product_attention(q, k, v, mask, self.config.attention)
 
     def _trunk(self, input_ids: Array, positions: Array, attend, xs, remat: str) -> tuple[Array, object]:
         """Embed, run the scanned layers with `attend(layer_xs, q, k, v)`, final norm."""
