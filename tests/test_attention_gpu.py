@@ -119,4 +119,4 @@ def test_cudnn_prefill_and_decode_equal_xla(model):
         return out
 
     for got, ref in zip(run(_with(model, "cudnn")), run(_with(model, "xla")), strict=True):
-        assert _rel_err(got, ref) < 1e-2
+        assert _rel_err(got, ref) < 2e-2  # bf16 logits after 2 layers; a mask bug gives O(1)

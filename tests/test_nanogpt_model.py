@@ -156,3 +156,12 @@ def test_bf16_compute_and_bad_input():
         model(jnp.zeros((1, 17), jnp.int32))
     with pytest.raises(ValueError, match="vocab_size"):
         GPT.init(dataclasses.replace(cfg, vocab_size=0), key=jax.random.key(0))
+
+
+def test_unrolled_block_scan_equals_rolled_with_dropout():
+    model = init(dataclasses.replace(TINY, dropout=0.2), key=jax.random.key(11))
+    idx = jax.random.randint(jax.random.key(12), (2, 16), 0, TINY.vocab_size)
+    unrolled = dataclasses.replace(model, config=dataclasses.replace(model.config, scan_unroll=TINY.n_layer))
+    key = jax.random.key(13)
+    np.testing.assert_allclose(np.asarray(logits(unrolled, idx, key)), np.asarray(logits(model, idx, key)), atol=1e-5)
+    assert not np.allclose(np.asarray(logits(model, idx, key)), np.asarray(logits(model, idx)), atol=1e-3)

@@ -247,3 +247,12 @@ def test_bad_configs():
         x = jnp.zeros((1, 2), jnp.int32)
         with pytest.raises(ValueError, match="cudnn"):
             eqx.filter_eval_shape(lambda m: m(x, x, x + 1), m)
+
+
+def test_unrolled_layer_scan_equals_rolled(model):
+    ids = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 7)), jnp.int32)
+    pos, seg = jnp.broadcast_to(jnp.arange(7), (2, 7)), jnp.ones((2, 7), jnp.int32)
+    unrolled = dataclasses.replace(model, config=dataclasses.replace(model.config, scan_unroll=CFG.num_layers))
+    np.testing.assert_allclose(
+        np.asarray(forward_logits(unrolled, ids, pos, seg)), np.asarray(forward_logits(model, ids, pos, seg)), atol=1e-5
+    )

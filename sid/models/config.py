@@ -39,6 +39,8 @@ class ModelConfig:
     """Std of the normal init for from-scratch weights."""
     remat: Literal["none", "full", "dots"] = "full"
     """Rematerialisation of each scanned layer: none, full, or save only matmul outputs ('dots')."""
+    scan_unroll: int = 1
+    """Layers per iteration of the layer scan: 1 keeps compile time flat in depth; num_layers unrolls fully."""
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Activation/matmul dtype; params stay float32, softmax, norms and logits are float32."""
     attention: Literal["auto", "xla", "cudnn"] = "auto"
@@ -74,5 +76,8 @@ class GPTConfig:
     """Activation/matmul dtype; params float32, softmax, norms and loss float32."""
     remat: Literal["none", "full", "dots"] = "none"
     """Rematerialisation of each scanned block."""
+    scan_unroll: int = 1
+    """Blocks per iteration of the block scan: 1 keeps compile time flat in depth; n_layer unrolls fully (faster
+    for small models)."""
     seed: int = 0
     """Init seed."""

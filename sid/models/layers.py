@@ -118,7 +118,13 @@ Remat = Literal["none", "full", "dots"]
 
 
 def scan_layers(
-    fn: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any, layers: eqx.Module, xs: Any = None, *, remat: Remat
+    fn: Callable[[Any, Any, Any], tuple[Any, Any]],
+    carry: Any,
+    layers: eqx.Module,
+    xs: Any = None,
+    *,
+    remat: Remat,
+    unroll: int = 1,
 ) -> tuple[Any, Any]:
     """Run `fn(layer, carry, x) -> (carry, y)` over a stacked layer module (every array leaf has a leading
     [num_layers] axis) and per-layer inputs `xs`, with one traced layer so compile time does not grow with depth.
@@ -126,6 +132,9 @@ def scan_layers(
     remat: 'none' keeps every activation for the backward pass; 'full' keeps only each layer's input and
     recomputes the rest; 'dots' keeps the weight matmul outputs and recomputes the cheap elementwise ops and the
     attention scores (which scale with sequence length squared).
+
+    unroll: layers per loop iteration (`jax.lax.scan(unroll=...)`). 1 keeps compile time flat in depth; a small
+    model is faster fully unrolled (no per-iteration loop overhead or carry copies), at a compile-time cost.
     """
     params, static = eqx.partition(layers, eqx.is_array)
 
@@ -139,4 +148,4 @@ def scan_layers(
         step = jax.checkpoint(step, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     elif remat != "none":
         raise ValueError(f"unknown remat policy {remat!r}: expected 'none', 'full' or 'dots'")
-    return jax.lax.scan(step, carry, (params, xs))
+    return jax.lax.scan(step, carry, (params, xs), unroll=unroll)

@@ -142,7 +142,12 @@ class GPT(eqx.Module):
         x = _dropout((jnp.take(self.wte, idx, axis=0) + self.wpe[:t]).astype(dtype), self.config.dropout, k_emb)
         layer_keys = None if k_layers is None else jax.random.split(k_layers, self.config.n_layer)
         x, _ = scan_layers(
-            lambda block, x, k: (block(x, key=k), None), x, self.layers, layer_keys, remat=self.config.remat
+            lambda block, x, k: (block(x, key=k), None),
+            x,
+            self.layers,
+            layer_keys,
+            remat=self.config.remat,
+            unroll=self.config.scan_unroll,
         )
         return self.ln_f(x)
 

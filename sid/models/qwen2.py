@@ -272,7 +272,7 @@ class Qwen2(eqx.Module):
         def body(layer: Qwen2Layer, x: Array, layer_xs) -> tuple[Array, object]:
             return layer(x, cos, sin, lambda q, k, v: attend(layer_xs, q, k, v))
 
-        x, collected = scan_layers(body, x, self.layers, xs, remat=remat)
+        x, collected = scan_layers(body, x, self.layers, xs, remat=remat, unroll=cfg.scan_unroll)
         return self.final_norm(x), collected
 
     def __call__(
