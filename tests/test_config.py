@@ -1,6 +1,7 @@
 """Presets validate; bad YAML names the file and key; flags override presets; --help lists every field."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,11 @@ import pytest
 
 from sid.config import ConfigError, cli, from_dict, load_yaml
 from sid.jobs import EvalJob, NanoGPTJob, TrainJob
+
+# A bare environment (no user settings leak in), keeping PYTHONPATH for checkouts run without installing.
+CHILD_ENV = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"} | (
+    {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_FOR_DIR = {"train": TrainJob, "eval": EvalJob, "nanogpt": NanoGPTJob}
@@ -122,7 +128,7 @@ def test_help_lists_every_field_with_its_docstring(module, job):
         [sys.executable, "-m", module, "--help"],
         capture_output=True,
         text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env={"COLUMNS": "200", **CHILD_ENV},
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
@@ -140,7 +146,7 @@ def test_cli_reports_a_bad_preset_in_one_line(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=CHILD_ENV,
     )
     assert out.returncode == 2
     assert (
@@ -170,7 +176,7 @@ def test_cli_reports_missing_data_in_one_line(tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+        env=CHILD_ENV,
     )
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
