@@ -8,6 +8,7 @@ a process, so a per-configuration peak needs a fresh one. The parent process nev
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
@@ -79,6 +80,43 @@ def jax_memory(compiled=None) -> dict[str, int | None]:
             + analysis.temp_size_in_bytes
         )
     return out
+
+
+def kernel_table(planes, steps: int, top: int = 30) -> list[dict[str, Any]]:
+    """Device time per step by kernel (or copy) name from profiler planes, busiest first.
+
+    Only device planes' stream lines count: they hold the kernels and copies, while the 'XLA Ops' / 'XLA Modules'
+    lines cover the same time again, and host planes hold no device time.
+    """
+    total_ns: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    for plane in planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue
+            for event in line.events:
+                total_ns[event.name] += event.duration_ns
+                calls[event.name] += 1
+    return [
+        {"name": name, "ms_per_step": ns / 1e6 / steps, "calls_per_step": calls[name] / steps}
+        for name, ns in total_ns.most_common(top)
+    ]
+
+
+def profile_steps(run_step, steps: int, trace_dir: str | Path) -> list[dict[str, Any]]:
+    """Run `run_step()` `steps` times under `jax.profiler.trace(trace_dir)` (after the timed steps, so tracing
+    costs them nothing) and return `kernel_table` of the trace. Empty on a CPU, which traces no device plane."""
+    import jax
+    from jax.profiler import ProfileData
+
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(steps):
+            out = run_step()
+        jax.block_until_ready(out)
+    newest = max(Path(trace_dir).rglob("*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    return kernel_table(ProfileData.from_file(str(newest)).planes, steps)
 
 
 def jax_environment() -> dict[str, Any]:

@@ -35,12 +35,14 @@ from common import (
     jax_environment,
     jax_memory,
     markdown_table,
+    profile_steps,
     run_child,
     serve_child,
     write_json,
 )
 
 VOCAB_MULTIPLE = 128
+PROFILED_STEPS = 3  # extra steps traced with --profile, after the timed ones
 LEARNING_RATES = {"adamw": (3e-4, 3e-4), "muon_local": (3e-3, 3e-4), "muon_optax": (3e-3, 3e-4)}
 """(learning rate, aux learning rate) of the seed recipes; speed does not depend on them."""
 
@@ -112,6 +114,18 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     jax.block_until_ready((state, metrics))
     step_s = (time.perf_counter() - t0) / spec["steps"]
 
+    kernels = None
+    if spec.get("profile"):
+
+        def run_step():
+            nonlocal state, metrics
+            state, metrics = compiled(state, batch)
+            return metrics
+
+        trace_dir = Path(spec["profile"]) / f"{spec['arch']}_seq{spec['seq']}_{spec['optimizer']}"
+        kernels = profile_steps(run_step, PROFILED_STEPS, trace_dir)
+        print(markdown_table(kernels, {"ms_per_step": "ms/step", "calls_per_step": "calls", "name": "kernel"}))
+
     tokens = int(metrics["tokens"])  # the trainer's count of non-padding tokens in the step
     peak = peak_flops_per_device()
     n_devices = mesh.devices.size
@@ -132,6 +146,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
         "first_loss": first_loss,
         "last_loss": float(metrics["loss"]),
         **jax_memory(compiled),
+        **({"top_kernels": kernels} if kernels is not None else {}),
     }
 
 
@@ -262,6 +277,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["auto", "on", "off"],
         help="transformers + torch baseline: auto = only when torch.cuda is available",
     )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="trace a few extra steps of each JAX configuration into DIR/<config>/ and report its busiest kernels",
+    )
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the HF model")
     p.add_argument("--torch-rows", type=int, default=0, help="rows per step for torch (0: same as ours)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, seq 64, 4 rows, 2 timed steps")
@@ -295,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=args.warmup,
                 seed=args.seed,
             )
-            specs += [dict(base, framework="jax", optimizer=o, attention=args.attention) for o in args.optimizers]
+            specs += [
+                dict(base, framework="jax", optimizer=o, attention=args.attention, profile=args.profile)
+                for o in args.optimizers
+            ]
             if args.torch == "on":
                 specs.append(
                     dict(

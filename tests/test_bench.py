@@ -1,6 +1,7 @@
 """The benchmark scripts' CPU smoke modes (bench/*.py --tiny), run as a user runs them, each in a subprocess (all
 three at once to share the wall clock); their JSON is checked against hand-computed values and each other."""
 
+import importlib.util
 import json
 import math
 import os
@@ -33,8 +34,9 @@ def results(tmp_path_factory, shared_data):
     procs = {}
     for name, cmd in SCRIPTS.items():  # output to files: a full pipe would stall a script while we wait on another
         with open(tmp / f"{name}.stdout", "w") as stdout, open(tmp / f"{name}.stderr", "w") as stderr:
+            extra = ["--profile", str(tmp / "profile")] if name == "train" else []
             procs[name] = subprocess.Popen(
-                [sys.executable, *cmd, "--out", str(tmp / f"{name}.json")],
+                [sys.executable, *cmd, "--out", str(tmp / f"{name}.json"), *extra],
                 cwd=ROOT,
                 env=env,
                 stdout=stdout,
@@ -76,6 +78,9 @@ def test_train_throughput(results):
         assert r["first_loss"] == pytest.approx(math.log(TINY_VOCAB), abs=0.15)
         assert math.isfinite(r["last_loss"])
         assert r["mfu"] is None  # no peak FLOP/s is known for a CPU
+        if r["framework"] == "jax":  # --profile traced extra steps; a CPU trace has no device plane to tabulate
+            assert r["top_kernels"] == []
+            assert list((results["train"][2] / "profile" / f"tiny_seq64_{r['optimizer']}").rglob("*.xplane.pb"))
     for opt in ("adamw", "muon_local"):
         r = rows[("jax", opt)]
         assert r["flops_per_token"] == tiny_flops_per_token(64)
@@ -125,3 +130,35 @@ def test_nanogpt_shakespeare(results):
     png = Path(record["png"])
     assert png.parent == tmp and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| muon | muon_local | 20 |" in stdout
+
+
+def test_kernel_table_sums_device_streams_per_step():
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    kernel_table = common.kernel_table
+
+    def obj(name, items, field):
+        return type("X", (), {"name": name, field: items})()
+
+    def event(name, ns):
+        return type("E", (), {"name": name, "duration_ns": ns})()
+
+    gemm, copy = event("gemm", 3e6), event("MemcpyD2D", 1e6)
+    planes = [
+        obj("/host:CPU", [obj("python", [event("gemm", 9e9)], "events")], "lines"),
+        obj(
+            "/device:GPU:0",
+            [
+                obj("Stream #14(Compute)", [gemm, gemm, copy, gemm, gemm], "events"),
+                obj("XLA Ops", [event("fusion.1", 7e6)], "events"),  # the same time again, by HLO op
+            ],
+            "lines",
+        ),
+    ]
+    table = kernel_table(planes, steps=2)
+    assert table == [
+        {"name": "gemm", "ms_per_step": 6.0, "calls_per_step": 2.0},
+        {"name": "MemcpyD2D", "ms_per_step": 0.5, "calls_per_step": 0.5},
+    ]
+    assert kernel_table(planes, steps=2, top=1) == table[:1]
