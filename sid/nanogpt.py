@@ -56,12 +56,15 @@ def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int):
         total, n = gpt_loss(model, {"input_ids": x, "targets": y}, None)
         return total / n
 
-    def estimate(model, step: int, split: str = "val") -> float:
-        losses = []
-        for i in range(job.train.eval_loss_batches):
-            x, y = data.get_batch(split, rows, job.model.block_size, seed=job.train.seed + 1, step=i)
-            losses.append(float(batch_loss(model, jnp.asarray(x), jnp.asarray(y))))
-        return float(np.mean(losses))
+    # Drawn and placed on the device once: every evaluation reuses them.
+    batches = [
+        tuple(map(jnp.asarray, data.get_batch("val", rows, job.model.block_size, seed=job.train.seed + 1, step=i)))
+        for i in range(job.train.eval_loss_batches)
+    ]
+
+    def estimate(model, step: int) -> float:
+        losses = jax.device_get([batch_loss(model, x, y) for x, y in batches])  # one sync, not one per batch
+        return float(np.mean([float(loss) for loss in losses]))
 
     return estimate
 

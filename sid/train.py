@@ -63,13 +63,14 @@ def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
         buckets=job.data.length_buckets,
     )
     batches = plan.eval_batches(process_index=jax.process_index(), process_count=jax.process_count())
-    count = min(len(batches), job.train.eval_loss_batches)
+    # Placed on the device once: every evaluation reuses them.
+    batches = [to_global(b, mesh) for b in batches[: job.train.eval_loss_batches]]
     batch_loss = eqx.filter_jit(lambda model, batch: sft_loss(model, batch, None))
 
     def estimate(model, step: int) -> float:
+        results = jax.device_get([batch_loss(model, b) for b in batches])  # one sync, not one per batch
         total, tokens = 0.0, 0
-        for i in range(count):
-            loss_sum, n = batch_loss(model, to_global(batches[i], mesh))
+        for loss_sum, n in results:
             total, tokens = total + float(loss_sum), tokens + int(n)
         return total / max(tokens, 1)
 
