@@ -24,8 +24,11 @@ $(DEV_STAMP): $(STAMP)
 install: $(STAMP)
 
 # The main job on the embedded synthetic catalog: train a small Qwen2 from scratch, then rank its test split.
+# Each run starts afresh: the previous demo run in runs/demo is replaced.
+DEMO_DIR := runs/demo
 demo: $(STAMP)
-	$(BIN)/python -m sid.train --config configs/train/cpu/demo.yaml
+	rm -rf $(DEMO_DIR)
+	$(BIN)/python -m sid.train --config configs/train/cpu/demo.yaml --train.output-dir $(DEMO_DIR)
 
 test: $(DEV_STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests

@@ -23,7 +23,7 @@ from sid.mesh import data_parallel_size, make_mesh
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import fit, make_optimizer
+from sid.trainer import check_output_dir, fit, make_optimizer
 
 log = logging.getLogger("sid")
 _COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -101,6 +101,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
     if job.mesh.distributed:
         jax.distributed.initialize()
     load_dotenv()
+    check_output_dir(job.train)
     run = RunDir(job.train.output_dir, job)
     mesh = make_mesh(job.mesh)
     data = CharData.load(job.data)

@@ -30,7 +30,7 @@ from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import fit, make_optimizer, to_global
+from sid.trainer import check_output_dir, fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
 _COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -99,6 +99,7 @@ def run_train(job: TrainJob) -> dict:
     if job.mesh.distributed:
         jax.distributed.initialize()
     load_dotenv()
+    check_output_dir(job.train)
     run = RunDir(job.train.output_dir, job)
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)

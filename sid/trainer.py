@@ -8,6 +8,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import equinox as eqx
@@ -144,6 +145,21 @@ def _real_tokens(batch: dict[str, Array]) -> Array:
     return jnp.asarray(batch["input_ids"].size, jnp.int32)
 
 
+CHECKPOINT_DIR = "checkpoints"
+"""Subdirectory of a run's output_dir that holds its orbax checkpoints."""
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse, before anything is written, to start a fresh run (no `resume`) in a directory that holds an earlier
+    run's checkpoints: it would overwrite that run's files and fail when saving over its checkpoint steps."""
+    ckpts = Path(cfg.output_dir) / CHECKPOINT_DIR
+    if not cfg.resume and ckpts.is_dir() and any(ckpts.iterdir()):
+        raise ConfigError(
+            f"{ckpts} holds an earlier run's checkpoints: pass --train.resume to continue it, or choose another "
+            "--train.output-dir"
+        )
+
+
 def make_optimizer(
     opt_cfg: OptimizerConfig, cfg: TrainConfig, total_steps: int, model
 ) -> tuple[optax.GradientTransformation, Callable[[Array], Array]]:
@@ -232,7 +248,7 @@ def fit(
     """
     accum = cfg.grad_accum_steps
     state, static, sharding = init_state(model, optimizer, seed=cfg.seed, mesh=mesh)
-    ckpt = Checkpointer(run.path / "checkpoints", keep=cfg.keep_checkpoints)
+    ckpt = Checkpointer(run.path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
     start = 0
     if cfg.resume and ckpt.latest_step() is not None:
         start, state, data_state = ckpt.restore(abstract_like(state))

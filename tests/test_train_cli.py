@@ -91,6 +91,15 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
         assert got[step] == want[step], (step, got[step], want[step])  # bit-for-bit
     assert json.loads((killed / "run_summary.json").read_text())["train"]["final_step"] == target
 
+    # Starting afresh (no --train.resume) over that run fails at once, with one line, and leaves its files alone.
+    before = {p: p.read_bytes() for p in killed.rglob("*") if p.is_file()}
+    again = subprocess.run(
+        train_cmd(killed, "--train.max-steps", str(target)), cwd=ROOT, env=env(), capture_output=True, text=True
+    )
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert "earlier run's checkpoints" in again.stderr.splitlines()[-1] and "--train.resume" in again.stderr
+    assert {p: p.read_bytes() for p in killed.rglob("*") if p.is_file()} == before
+
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     run = tmp_path / "run"
