@@ -144,6 +144,28 @@ def test_chunked_cross_entropy_gradients_match_autodiff_of_dense(monkeypatch, ch
     assert not np.asarray(jax.grad(chunked, argnums=1)(h, w, jnp.float32))[9:].any()
 
 
+def test_cross_entropy_vjp_scales_by_the_cotangent_and_keeps_the_loss():
+    """The gradients are formed in the forward pass: the loss under value_and_grad must equal the plain loss, and a
+    scaled loss (the trainer divides by the token count) must give scaled gradients, in both inputs' dtypes."""
+    r = np.random.default_rng(2)
+    h = jnp.asarray(r.normal(size=(4, 6, 8)), jnp.bfloat16)
+    w = jnp.asarray(r.normal(size=(13, 8)), jnp.float32)
+    t = jnp.asarray(r.integers(-1, 12, (4, 6)), jnp.int32)
+
+    def loss(h, w, scale):
+        return scale * cross_entropy_sum(h, w, t, valid_vocab=12, compute_dtype=jnp.float32)[0]
+
+    plain = loss(h, w, 1.0)
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 1.0)
+    assert float(value) == float(plain)
+    scaled_value, scaled = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 0.37)
+    np.testing.assert_allclose(float(scaled_value), 0.37 * float(plain), rtol=1e-6)
+    assert scaled[0].dtype == jnp.bfloat16 and scaled[1].dtype == jnp.float32
+    for g, g1 in zip(scaled, grads, strict=True):
+        g, g1 = np.asarray(g, np.float32), np.asarray(g1, np.float32)
+        np.testing.assert_allclose(g, 0.37 * g1, rtol=1e-2, atol=1e-2 * np.abs(g1).max())
+
+
 def run_fit(tmp_path, batches, steps=8, **overrides):
     cfg = TrainConfig(
         output_dir=str(tmp_path), max_steps=steps, per_device_batch_size=2, log_every=1, progress_bar=False, **overrides
