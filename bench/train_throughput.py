@@ -80,12 +80,20 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.trainer import init_state, make_train_step, peak_flops_per_device, to_global
 
     mesh = make_mesh(MeshConfig())
-    cfg = arch_config(spec["arch"], vocab_size=spec["vocab"], remat=spec["remat"], attention=spec["attention"])
+    cfg = arch_config(
+        spec["arch"],
+        vocab_size=spec["vocab"],
+        remat=spec["remat"],
+        attention=spec["attention"],
+        scan_unroll=spec["scan_unroll"],
+    )
     lr, aux_lr = (
         make_schedule(v, warmup_steps=0, total_steps=1, kind="constant", min_lr_ratio=1.0)
         for v in LEARNING_RATES[spec["optimizer"]]
     )
-    optimizer = OptimizerConfig(name=spec["optimizer"]).build(learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=1.0)
+    optimizer = OptimizerConfig(name=spec["optimizer"], ns_method=spec["ns_method"]).build(
+        learning_rate=lr, aux_learning_rate=aux_lr, clip_norm=1.0
+    )
     t0 = time.perf_counter()
     model = pad_vocab(Qwen2.init(cfg, key=jax.random.key(spec["seed"])), VOCAB_MULTIPLE)
     state, static, sharding = init_state(model, optimizer, seed=spec["seed"], mesh=mesh)
@@ -268,6 +276,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--remat", default="dots", choices=["none", "full", "dots"], help="dots: 1.5B at 16k tokens fits 80 GB"
     )
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
+    p.add_argument("--ns-method", default="gram", choices=["gram", "standard"], help="muon_local's Newton–Schulz")
+    p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer scan")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) one")
     p.add_argument("--seed", type=int, default=0)
@@ -316,7 +326,15 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
             )
             specs += [
-                dict(base, framework="jax", optimizer=o, attention=args.attention, profile=args.profile)
+                dict(
+                    base,
+                    framework="jax",
+                    optimizer=o,
+                    attention=args.attention,
+                    profile=args.profile,
+                    ns_method=args.ns_method,
+                    scan_unroll=args.scan_unroll,
+                )
                 for o in args.optimizers
             ]
             if args.torch == "on":

@@ -1,5 +1,5 @@
 """The benchmark scripts' CPU smoke modes (bench/*.py --tiny), run as a user runs them, each in a subprocess (all
-three at once to share the wall clock); their JSON is checked against hand-computed values and each other."""
+at once to share the wall clock); their JSON is checked against hand-computed values and each other."""
 
 import importlib.util
 import json
@@ -17,6 +17,7 @@ SCRIPTS = {
     "train": ["bench/train_throughput.py", "--tiny", "--optimizers", "adamw,muon_local"],
     "eval": ["bench/eval_throughput.py", "--tiny"],
     "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
+    "newton_schulz": ["bench/newton_schulz.py", "--tiny"],
 }
 TINY_VOCAB = 1000  # train_throughput's tiny vocab (padded to 1024 rows)
 SHAKESPEARE_CHARS = 65
@@ -130,6 +131,31 @@ def test_nanogpt_shakespeare(results):
     png = Path(record["png"])
     assert png.parent == tmp and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| muon | muon_local | 20 |" in stdout
+
+
+def test_newton_schulz(results):
+    record, stdout, _ = results["newton_schulz"]
+    (res,) = record["results"]
+    # The tiny architecture's hidden matrices, as routed to Muon: q, o 64x64; k, v 32x64; gate, up 172x64; down 64x172.
+    assert sorted(tuple(s) for s in res["shapes"].values()) == sorted(
+        [(64, 64)] * 2 + [(32, 64)] * 2 + [(172, 64)] * 2 + [(64, 172)]
+    )
+
+    def hand_flops(m, n, method):  # m <= n; Gram NS only where it is cheaper (n > 1.5 m)
+        standard = 5 * (4 * m * m * n + 2 * m**3)
+        return 8 * m * m * n + 28 * m**3 if method == "gram" and n > 1.5 * m else standard
+
+    rows = {r["method"]: r for r in res["rows"]}
+    for method, dtype in (("standard", "bfloat16"), ("gram", "float16")):
+        r = rows[method]
+        assert r["dtype"] == dtype and r["layers"] == 2 and r["ms"] > 0
+        expected = 2 * sum(hand_flops(min(s), max(s), method) for s in res["shapes"].values())
+        assert r["tflop"] * 1e12 == pytest.approx(expected)
+        assert r["tflop_per_s"] == pytest.approx(r["tflop"] / r["ms"] * 1000)
+        assert 0 < r["max_rel_err_vs_f32"] < 0.1
+    assert rows["gram"]["tflop"] < rows["standard"]["tflop"]
+    assert rows["gram"]["max_rel_err_vs_f32"] < rows["standard"]["max_rel_err_vs_f32"]
+    assert "| tiny | 2 | gram | float16 |" in stdout
 
 
 def test_kernel_table_sums_device_streams_per_step():

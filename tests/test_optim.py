@@ -11,8 +11,9 @@ import optax
 import optax.contrib
 import pytest
 
+import sid.optim.muon as muon_module
 from sid.optim.config import OptimizerConfig
-from sid.optim.muon import NS_COEFFS, newton_schulz, scale_by_muon
+from sid.optim.muon import NS_COEFFS, newton_schulz, ns_flops, scale_by_muon
 from sid.optim.muon_optax import DIMENSION_NUMBERS
 from sid.optim.routing import decay_mask, label_params, path_str, routing_table
 from sid.optim.schedule import make_schedule
@@ -177,6 +178,70 @@ def test_newton_schulz_matches_numpy_reference(shape):
     assert rel_err(newton_schulz(jnp.asarray(1e3 * x, jnp.float32), dtype=jnp.float32), ref) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+def test_gram_newton_schulz_matches_numpy_reference(shape):
+    """Gram NS is the same iteration: in float32 it equals the reference (square shapes take the standard form)."""
+    x = np.random.default_rng(1).standard_normal((2, *shape))
+    got = newton_schulz(jnp.asarray(x, jnp.float32), dtype=jnp.float32, method="gram")
+    assert rel_err(got, np.stack([np_newton_schulz(m) for m in x])) < 1e-5
+
+
+def power_law_matrix(m: int, n: int, decay: float, seed: int) -> np.ndarray:
+    """A gradient-like m×n matrix: singular values (1 + i)^-decay, random singular vectors."""
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, m)))
+    return (u * (1.0 + np.arange(m)) ** -decay) @ v.T
+
+
+@pytest.mark.parametrize("decay", [1.0, 2.0])
+def test_gram_newton_schulz_in_float16_is_closer_to_exact_than_standard_bf16(decay):
+    """On ill-conditioned (gradient-like) spectra, float16 Gram NS with its restart lands closer to the float64
+    iteration than the bfloat16 standard form does."""
+    x = power_law_matrix(128, 768, decay, seed=int(decay))
+    ref = np_newton_schulz(x)
+    gram = newton_schulz(jnp.asarray(x, jnp.float32), dtype=jnp.float16, method="gram")
+    standard = newton_schulz(jnp.asarray(x, jnp.float32), dtype=jnp.bfloat16, method="standard")
+    gram_err, standard_err = rel_err(gram.astype(jnp.float32), ref), rel_err(standard.astype(jnp.float32), ref)
+    assert gram.dtype == jnp.float16
+    assert gram_err < 0.05 and gram_err < standard_err, (gram_err, standard_err)
+
+
+def test_gram_newton_schulz_restart_keeps_half_precision_stable(monkeypatch):
+    """The restart after step 2 is what keeps the float16 recurrence on G accurate (and bfloat16 from blowing up)."""
+    x = jnp.asarray(power_law_matrix(128, 768, 2.0, seed=2), jnp.float32)
+    ref = np_newton_schulz(np.asarray(x))
+
+    def err(dtype):
+        return rel_err(newton_schulz(x, dtype=dtype, method="gram").astype(jnp.float32), ref)
+
+    with_restart = err(jnp.float16)
+    monkeypatch.setattr(muon_module, "GRAM_RESTARTS", ())
+    assert err(jnp.float16) > 10 * with_restart
+    assert err(jnp.bfloat16) > 1.0
+
+
+def test_ns_flops_hand_counted():
+    m, n = 1536, 8960  # Qwen2.5-1.5B's MLP matrices
+    assert ns_flops(m, n, steps=5, method="standard") == 5 * (4 * m * m * n + 2 * m**3)
+    # Steps 1-2: X Xᵀ, G² twice, P·G·P once, P·Q once, Q X; steps 3-5: X Xᵀ, G² ×3, P·G·P ×2, P·Q ×2, Q X.
+    assert ns_flops(n, m, steps=5, method="gram") == 8 * m * m * n + 28 * m**3
+    assert ns_flops(m, n, steps=5, method="gram") / ns_flops(m, n, steps=5, method="standard") < 0.6
+    # Square matrices keep the standard form, where the Gram one would cost more (8 + 28 > 20 + 10 per m³).
+    assert ns_flops(m, m, steps=5, method="gram") == ns_flops(m, m, steps=5, method="standard")
+
+
+def test_newton_schulz_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown Newton–Schulz method 'fast'"):
+        newton_schulz(jnp.ones((4, 8)), method="fast")
+
+
+def test_ns_dtype_auto_follows_the_method():
+    assert OptimizerConfig(name="muon_local").resolved_ns_dtype == "float16"
+    assert OptimizerConfig(name="muon_local", ns_method="standard").resolved_ns_dtype == "bfloat16"
+    assert OptimizerConfig(name="muon_local", ns_dtype="float32").resolved_ns_dtype == "float32"
+
+
 def test_newton_schulz_is_batched_over_leading_axes():
     x = np.random.default_rng(2).standard_normal((3, 2, 8, 20))
     got = newton_schulz(jnp.asarray(x, jnp.float32), dtype=jnp.float32)
@@ -246,11 +311,12 @@ def test_muon_local_matches_reference(nesterov):
             assert rel_err(u["layers"][name], r) < 1e-5
 
 
-def test_muon_local_bf16_newton_schulz_is_close_to_f32():
+@pytest.mark.parametrize("method", ["gram", "standard"])
+def test_muon_local_half_precision_newton_schulz_is_close_to_f32(method):
     params, grads = muon_problem(steps=2)
-    f32 = run_updates(OptimizerConfig(name="muon_local", ns_dtype="float32"), params, grads)
-    bf16 = run_updates(OptimizerConfig(name="muon_local"), params, grads)  # default: bfloat16 NS
-    for a, b in zip(bf16, f32, strict=True):
+    f32 = run_updates(OptimizerConfig(name="muon_local", ns_method=method, ns_dtype="float32"), params, grads)
+    half = run_updates(OptimizerConfig(name="muon_local", ns_method=method), params, grads)  # float16 / bfloat16
+    for a, b in zip(half, f32, strict=True):
         for name in ("wide", "tall"):
             assert a["layers"][name].dtype == jnp.float32
             assert rel_err(a["layers"][name], b["layers"][name]) < 0.1

@@ -33,8 +33,12 @@ class OptimizerConfig:
     """Muon Nesterov momentum."""
     ns_steps: int = 5
     """Newton–Schulz iterations."""
-    ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Newton–Schulz matmul dtype of muon_local (bfloat16 as in Keller Jordan's reference; muon_optax uses float32)."""
+    ns_method: Literal["gram", "standard"] = "gram"
+    """How muon_local computes Newton–Schulz: gram (the same iteration on X Xᵀ, fewer FLOPs on wide matrices) or
+    standard (Keller Jordan's form); see sid/optim/muon.py."""
+    ns_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """Newton–Schulz matmul dtype of muon_local; auto: float16 for gram (its stability needs the mantissa),
+    bfloat16 for standard (as in Keller Jordan's reference). muon_optax always uses float32."""
 
     def __post_init__(self):
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -47,6 +51,13 @@ class OptimizerConfig:
             raise ValueError(f"weight decays must be >= 0, got {self.weight_decay}, {self.aux_weight_decay}")
         if self.ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {self.ns_steps}")
+
+    @property
+    def resolved_ns_dtype(self) -> str:
+        """The Newton–Schulz dtype `auto` stands for under this ns_method."""
+        if self.ns_dtype != "auto":
+            return self.ns_dtype
+        return "float16" if self.ns_method == "gram" else "bfloat16"
 
     def build(
         self,
@@ -73,7 +84,8 @@ class OptimizerConfig:
                 learning_rate,
                 aux_learning_rate,
                 **muon_kw,
-                ns_dtype=self.ns_dtype,
+                ns_dtype=self.resolved_ns_dtype,
+                ns_method=self.ns_method,
                 weight_decay=self.weight_decay,
                 **adam_kw,
                 aux_weight_decay=self.aux_weight_decay,
