@@ -71,6 +71,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import equinox as eqx
     import jax
 
+    import sid.loss
     from sid.mesh import MeshConfig, make_mesh
     from sid.models.build import flops_per_token
     from sid.models.qwen2 import Qwen2, pad_vocab
@@ -78,6 +79,9 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.optim.schedule import make_schedule
     from sid.train import sft_loss
     from sid.trainer import init_state, make_train_step, peak_flops_per_device, to_global
+
+    if spec["ce_chunk_elements"]:  # this child process measures one configuration: a module setting is fine
+        sid.loss.CHUNK_ELEMENTS = spec["ce_chunk_elements"]
 
     mesh = make_mesh(MeshConfig())
     cfg = arch_config(
@@ -278,6 +282,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
     p.add_argument("--ns-method", default="gram", choices=["gram", "standard"], help="muon_local's Newton–Schulz")
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer scan")
+    p.add_argument(
+        "--ce-chunk-elements", type=int, default=0, help="logits elements per cross-entropy chunk (0: sid.loss's)"
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) one")
     p.add_argument("--seed", type=int, default=0)
@@ -334,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     profile=args.profile,
                     ns_method=args.ns_method,
                     scan_unroll=args.scan_unroll,
+                    ce_chunk_elements=args.ce_chunk_elements,
                 )
                 for o in args.optimizers
             ]

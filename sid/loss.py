@@ -16,12 +16,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 IGNORE = -100
-_CHUNK_ELEMENTS = 1 << 28  # logits elements per chunk (1 GiB in f32): few chunks, few passes over d(head)
+CHUNK_ELEMENTS = 1 << 30
+"""Logits elements per chunk (4 GiB in f32 on one device; split over the devices that share the tokens). Fewer,
+larger chunks mean fewer passes over the f32 d(head) accumulator (each chunk reads and writes all of it) and a
+d(head) matmul that contracts over more tokens per pass: 4,096 tokens per chunk at Qwen's vocab."""
 
 
 def chunk_size(num_tokens: int, vocab: int) -> int:
     """Tokens per chunk: as many as fit the element budget, dividing num_tokens exactly."""
-    target = max(1, min(num_tokens, _CHUNK_ELEMENTS // max(vocab, 1)))
+    target = max(1, min(num_tokens, CHUNK_ELEMENTS // max(vocab, 1)))
     while num_tokens % target:
         target -= 1
     return target

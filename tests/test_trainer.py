@@ -116,11 +116,22 @@ def test_chunked_cross_entropy_matches_dense():
     assert int(n) == mask.sum()
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 28, 3 * 11])  # one chunk; five chunks of 3 tokens
+def test_chunk_size_is_the_largest_divisor_within_budget(monkeypatch):
+    import sid.loss
+
+    assert sid.loss.chunk_size(16384, 152320) == 4096  # 1.5B at 16,384 tokens: 2^30 // 152,320 = 7,049 -> 4,096
+    assert sid.loss.chunk_size(1000, 65) == 1000  # a small vocab: one chunk
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 100)
+    assert sid.loss.chunk_size(21, 10) == 7  # budget 10 tokens; 21 = 3 x 7
+    assert sid.loss.chunk_size(13, 10) == 1  # a prime above the budget: token by token
+    assert sid.loss.chunk_size(5, 1000) == 1  # vocab above the budget: still one token per chunk
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 30, 3 * 11])  # one chunk; five chunks of 3 tokens
 def test_chunked_cross_entropy_gradients_match_autodiff_of_dense(monkeypatch, chunk_elements):
     import sid.loss
 
-    monkeypatch.setattr(sid.loss, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", chunk_elements)
     r = np.random.default_rng(1)
     h = jnp.asarray(r.normal(size=(3, 5, 8)), jnp.float32)
     w = jnp.asarray(r.normal(size=(11, 8)), jnp.float32)
