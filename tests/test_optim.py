@@ -221,6 +221,13 @@ def test_gram_newton_schulz_restart_keeps_half_precision_stable(monkeypatch):
     assert err(jnp.bfloat16) > 1.0
 
 
+@pytest.mark.parametrize("method, dtype", [("gram", jnp.float16), ("standard", jnp.bfloat16)])
+def test_newton_schulz_of_a_zero_gradient_is_zero(method, dtype):
+    """A layer with no gradient yet (e.g. a frozen or unused one) must give a zero update, not NaN."""
+    out = newton_schulz(jnp.zeros((2, 16, 48)), dtype=dtype, method=method)
+    assert out.dtype == dtype and not np.asarray(out.astype(jnp.float32)).any()
+
+
 def test_ns_flops_hand_counted():
     m, n = 1536, 8960  # Qwen2.5-1.5B's MLP matrices
     assert ns_flops(m, n, steps=5, method="standard") == 5 * (4 * m * m * n + 2 * m**3)
