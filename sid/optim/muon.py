@@ -47,9 +47,8 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic Newton–Schulz coefficients (maximal slope at 0; singular values end in ~[0.7, 1.2])."""
 NS_EPS = 1e-7
 """Added to the Frobenius norm before normalising, as in the reference."""
-
-
 NS_METHODS = ("standard", "gram")
+"""Ways to compute the same iteration (module docstring)."""
 GRAM_RESTARTS = (2,)
 """Steps after which Gram NS recomputes G from X (the restart that keeps half precision stable)."""
 
