@@ -280,7 +280,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--remat", default="dots", choices=["none", "full", "dots"], help="dots: 1.5B at 16k tokens fits 80 GB"
     )
     p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"])
-    p.add_argument("--ns-method", default="gram", choices=["gram", "standard"], help="muon_local's Newton–Schulz")
+    p.add_argument(
+        "--ns-method", default="auto", choices=["auto", "gram", "standard"], help="muon_local's Newton–Schulz form"
+    )
     p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer scan")
     p.add_argument(
         "--ce-chunk-elements", type=int, default=0, help="logits elements per cross-entropy chunk (0: sid.loss's)"

@@ -174,6 +174,8 @@ def make_optimizer(
     )
     table = routing_table(eqx.filter(model, eqx.is_array), optimizer=opt_cfg.name)
     log.info("optimizer %s routing:\n%s", opt_cfg.name, table)
+    if opt_cfg.name == "muon_local":
+        log.info("Newton–Schulz: %s form in %s", opt_cfg.resolved_ns_method, opt_cfg.resolved_ns_dtype)
     return optimizer, lr
 
 

@@ -243,10 +243,15 @@ def test_newton_schulz_rejects_unknown_method():
         newton_schulz(jnp.ones((4, 8)), method="fast")
 
 
-def test_ns_dtype_auto_follows_the_method():
-    assert OptimizerConfig(name="muon_local").resolved_ns_dtype == "float16"
+def test_ns_auto_settings_follow_the_backend_and_method(monkeypatch):
+    auto = OptimizerConfig(name="muon_local")
+    assert (auto.resolved_ns_method, auto.resolved_ns_dtype) == ("gram", "float16")  # CPU (and GPU)
     assert OptimizerConfig(name="muon_local", ns_method="standard").resolved_ns_dtype == "bfloat16"
     assert OptimizerConfig(name="muon_local", ns_dtype="float32").resolved_ns_dtype == "float32"
+    # TPU matrix units take bfloat16, not float16: auto keeps Keller Jordan's bf16 form there.
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert (auto.resolved_ns_method, auto.resolved_ns_dtype) == ("standard", "bfloat16")
+    assert OptimizerConfig(name="muon_local", ns_method="gram").resolved_ns_dtype == "float16"
 
 
 def test_newton_schulz_is_batched_over_leading_axes():

@@ -33,9 +33,10 @@ class OptimizerConfig:
     """Muon Nesterov momentum."""
     ns_steps: int = 5
     """Newton–Schulz iterations."""
-    ns_method: Literal["gram", "standard"] = "gram"
+    ns_method: Literal["auto", "gram", "standard"] = "auto"
     """How muon_local computes Newton–Schulz: gram (the same iteration on X Xᵀ, fewer FLOPs on wide matrices) or
-    standard (Keller Jordan's form); see sid/optim/muon.py."""
+    standard (Keller Jordan's form); see sid/optim/muon.py. auto: gram, except on TPU, whose matrix units take
+    bfloat16 but not the float16 that gram needs to stay accurate, so there standard."""
     ns_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Newton–Schulz matmul dtype of muon_local; auto: float16 for gram (its stability needs the mantissa),
     bfloat16 for standard (as in Keller Jordan's reference). muon_optax always uses float32."""
@@ -53,11 +54,18 @@ class OptimizerConfig:
             raise ValueError(f"ns_steps must be >= 1, got {self.ns_steps}")
 
     @property
+    def resolved_ns_method(self) -> str:
+        """The Newton–Schulz form `auto` stands for on the default backend."""
+        if self.ns_method != "auto":
+            return self.ns_method
+        return "standard" if jax.default_backend() == "tpu" else "gram"
+
+    @property
     def resolved_ns_dtype(self) -> str:
-        """The Newton–Schulz dtype `auto` stands for under this ns_method."""
+        """The Newton–Schulz dtype `auto` stands for under the resolved ns_method."""
         if self.ns_dtype != "auto":
             return self.ns_dtype
-        return "float16" if self.ns_method == "gram" else "bfloat16"
+        return "float16" if self.resolved_ns_method == "gram" else "bfloat16"
 
     def build(
         self,
@@ -85,7 +93,7 @@ class OptimizerConfig:
                 aux_learning_rate,
                 **muon_kw,
                 ns_dtype=self.resolved_ns_dtype,
-                ns_method=self.ns_method,
+                ns_method=self.resolved_ns_method,
                 weight_decay=self.weight_decay,
                 **adam_kw,
                 aux_weight_decay=self.aux_weight_decay,

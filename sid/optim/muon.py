@@ -23,7 +23,8 @@ matmuls over the leading layer axis — no Python loop over layers. Two ways to 
   the current X) and float16 matmuls (3 more mantissa bits than bfloat16; entries of a normalised X and of G, P,
   Q stay well inside its range). On power-law spectra the result is closer to float32 NS than bfloat16 standard
   NS is (tests/test_optim.py). Matrices where it would not save FLOPs (n ≤ 1.5m, e.g. square q/o projections)
-  use the standard form.
+  use the standard form. TPU matrix units take bfloat16 but not float16, so `OptimizerConfig.ns_method: auto`
+  keeps the standard form there.
 
 The momentum is *not* bias-corrected (as in the reference): only the direction of U matters after NS5, and without
 bias correction U's mix of M and G is the same at every step. `optax.contrib.muon` (`muon_optax`) bias-corrects the

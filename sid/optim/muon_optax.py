@@ -19,9 +19,9 @@ Differences from `muon_local` (as of optax 0.2.8, all tested in tests/test_optim
   update's direction is the same (both ∝ G_1); later ones differ by a weighting that vanishes as β^t → 0. Without
   Nesterov, optax's bias correction is a positive scalar, which NS removes: the two agree at every step.
 - Newton–Schulz runs in the momentum dtype (float32), in the standard form, with eps 1e-8; `muon_local` uses
-  `ns_dtype` and `ns_method` (by default the Gram form in float16) with eps 1e-7. Same coefficients (3.4445,
-  -4.7750, 2.0315), same number of steps, same Frobenius normalisation, same transpose-the-tall-side trick (optax
-  transposes to ``(in, out)`` first, which NS commutes with).
+  `ns_dtype` and `ns_method` (by default the Gram form in float16, on GPU and CPU) with eps 1e-7. Same
+  coefficients (3.4445, -4.7750, 2.0315), same number of steps, same Frobenius normalisation, same
+  transpose-the-tall-side trick (optax transposes to ``(in, out)`` first, which NS commutes with).
 - Same shape scale and the same decoupled weight decay ``-lr·wd·W`` on the hidden matrices.
 """
 
