@@ -20,13 +20,13 @@ from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
 from sid.mesh import data_parallel_size, make_mesh
+from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer
 
 log = logging.getLogger("sid")
-_COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def gpt_loss(model: GPT, batch, key):
@@ -38,7 +38,7 @@ def gpt_loss(model: GPT, batch, key):
         model.head_weight(),
         batch["targets"],
         valid_vocab=model.config.vocab_size,
-        compute_dtype=_COMPUTE[model.config.compute_dtype],
+        compute_dtype=DTYPES[model.config.compute_dtype],
     )
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 from sid.compat.hf import export_qwen2
 from sid.config import run_cli
@@ -26,6 +25,7 @@ from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
 from sid.mesh import data_parallel_size, make_mesh, to_host
 from sid.models.build import build_model, flops_per_token, num_params, token_extension
+from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
@@ -33,7 +33,6 @@ from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
-_COMPUTE = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def sft_loss(model: Qwen2, batch, key):
@@ -44,7 +43,7 @@ def sft_loss(model: Qwen2, batch, key):
         model.head_weight(),
         batch["targets"],
         valid_vocab=model.valid_vocab,
-        compute_dtype=_COMPUTE[model.config.compute_dtype],
+        compute_dtype=DTYPES[model.config.compute_dtype],
     )
 
 
