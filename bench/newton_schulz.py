@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 from common import arch_config, host_environment, jax_environment, markdown_table, write_json
 
-METHODS = {"standard": "bfloat16", "gram": "float16"}
-"""Each method with its default dtype (OptimizerConfig.ns_dtype = auto)."""
+METHODS = ("standard", "gram")
 
 
 def hidden_shapes(arch: str) -> dict[str, tuple[int, ...]]:
@@ -54,6 +53,7 @@ def measure(arch: str, layers: int, reps: int, seed: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from sid.optim.config import OptimizerConfig
     from sid.optim.muon import newton_schulz, ns_flops
 
     shapes = {k: s[-2:] for k, s in hidden_shapes(arch).items()}
@@ -68,7 +68,8 @@ def measure(arch: str, layers: int, reps: int, seed: int) -> dict[str, Any]:
         k: np.asarray(newton_schulz(p, dtype=jnp.float32, method="standard"), np.float64) for k, p in probes.items()
     }
     rows = []
-    for method, dtype in METHODS.items():
+    for method in METHODS:
+        dtype = OptimizerConfig(name="muon_local", ns_method=method).resolved_ns_dtype  # what ns_dtype=auto runs
         fn = jax.jit(
             lambda ms, m=method, dt=dtype: {k: newton_schulz(x, dtype=jnp.dtype(dt), method=m) for k, x in ms.items()}
         )
