@@ -55,6 +55,9 @@ def cross_entropy_sum(
         logits = jnp.dot(hc.astype(compute_dtype), w.T, preferred_element_type=jnp.float32)
         return jnp.where(jnp.arange(v) < valid_vocab, logits, -jnp.inf)
 
+    def chunks_of(h, t):
+        return h.reshape(n // c, c, d), t.reshape(n // c, c)
+
     def loss_only(h, head, t):
         w = head.astype(compute_dtype)  # cast once, outside the chunk loop
 
@@ -63,9 +66,6 @@ def cross_entropy_sum(
             return total + _nll(logits_of(hc, w), tc)[0], None
 
         return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks_of(h, t))[0]
-
-    def chunks_of(h, t):
-        return h.reshape(n // c, c, d), t.reshape(n // c, c)
 
     @jax.custom_vjp
     def total_loss(h, head, t):
