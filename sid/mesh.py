@@ -32,7 +32,31 @@ class MeshConfig:
     tp: int = 1
     """Tensor-parallel axis (attention heads and MLP width)."""
     distributed: bool = False
-    """Call jax.distributed.initialize() first (multi-host pod slices)."""
+    """Call jax.distributed.initialize() first (multi-host runs). On TPU pod slices, SLURM, Open MPI and
+    Kubernetes JAX finds the settings below by itself; elsewhere set them (one process per host)."""
+    coordinator_address: str = ""
+    """host:port of process 0's coordinator ("" = auto-detect)."""
+    num_processes: int = 0
+    """How many processes take part (0 = auto-detect)."""
+    process_id: int = -1
+    """This process's index in [0, num_processes) (-1 = auto-detect)."""
+
+
+def init_distributed(cfg: MeshConfig) -> None:
+    """Join the multi-process run when `cfg.distributed` (before any other JAX call touches a device)."""
+    if not cfg.distributed:
+        return
+    explicit = {
+        "coordinator_address": cfg.coordinator_address or None,
+        "num_processes": cfg.num_processes or None,
+        "process_id": cfg.process_id if cfg.process_id >= 0 else None,
+    }
+    if cfg.num_processes and not 0 <= cfg.process_id < cfg.num_processes:
+        raise ValueError(
+            f"mesh.process_id={cfg.process_id} must be in [0, mesh.num_processes={cfg.num_processes}) "
+            "when mesh.num_processes is set"
+        )
+    jax.distributed.initialize(**explicit)
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:

@@ -19,7 +19,7 @@ from sid.config import run_cli
 from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, make_mesh
+from sid.mesh import data_parallel_size, init_distributed, make_mesh
 from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
@@ -98,8 +98,7 @@ def sample(model: GPT, data: CharData, cfg: SampleConfig, *, seed: int) -> list[
 
 def run_nanogpt(job: NanoGPTJob) -> dict:
     """Train, keep the best model by held-out loss, sample from it; returns run_summary.json's content."""
-    if job.mesh.distributed:
-        jax.distributed.initialize()
+    init_distributed(job.mesh)
     load_dotenv()
     check_output_dir(job.train)
     run = RunDir(job.train.output_dir, job)

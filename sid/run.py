@@ -10,11 +10,12 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from sid.config import dump_yaml, to_dict
+from sid.config import ConfigError, dump_yaml, to_dict
 
 log = logging.getLogger("sid")
 
@@ -134,7 +135,10 @@ def _jsonable(x: Any) -> Any:
 
 
 def setup_logging(log_file: Path | None) -> None:
-    """Log INFO to stderr and, on the main process, to `log_file` (appending across resumes)."""
+    """Log INFO to stderr and, on the main process, to `log_file` (appending across resumes). Other processes of
+    a multi-process run log only warnings and errors, tagged with their index, so a pod prints one log."""
+    import jax
+
     log.setLevel(logging.INFO)
     log.propagate = False
     for h in list(log.handlers):
@@ -143,8 +147,61 @@ def setup_logging(log_file: Path | None) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(fmt)
+    if not is_main_process():
+        stream.setLevel(logging.WARNING)
+        stream.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s [process {jax.process_index()}] %(message)s", "%H:%M:%S")
+        )
     log.addHandler(stream)
     if log_file is not None:
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         log.addHandler(fh)
+
+
+SHARED_MARKER = ".sid_shared_check"
+SHARED_WAIT_S = 10.0
+"""How long a process looks for process 0's marker (network filesystems may show a new file late)."""
+
+
+def _sees(marker: Path, token: str) -> bool:
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        if marker.is_file() and marker.read_text() == token:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def require_shared_directory(path: Path) -> None:
+    """Multi-process runs: fail at once, on every process, unless all of them see process 0's `path`.
+
+    Orbax writes one checkpoint from all processes into one directory; a process that cannot see process 0's
+    copy (a host-local disk on a pod) would otherwise wait for it forever at the first save. Process 0 writes a
+    fresh random token into `path`; each process reads it back; all processes learn who could.
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    token = str(int(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(4), np.int32)[0])))
+    marker = path / SHARED_MARKER
+    if is_main_process():
+        marker.write_text(token)
+    multihost_utils.sync_global_devices("sid: shared run directory marker written")
+    seen = _sees(marker, token)
+    everyone = np.asarray(multihost_utils.process_allgather(np.asarray(seen)))
+    multihost_utils.sync_global_devices("sid: shared run directory marker read")
+    if is_main_process():
+        marker.unlink()
+    if not everyone.all():
+        blind = [int(i) for i in np.flatnonzero(~everyone)]
+        raise ConfigError(
+            f"{path}: process(es) {blind} of {jax.process_count()} do not see process 0's run directory, so "
+            "checkpoints cannot be written; put --train.output-dir on a filesystem every host mounts "
+            "(NFS, a GCS FUSE mount) at the same path"
+        )

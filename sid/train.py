@@ -23,7 +23,7 @@ from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, make_mesh, to_host
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host
 from sid.models.build import build_model, flops_per_token, num_params, token_extension
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
@@ -95,8 +95,7 @@ def load_tokenizer(cfg: TokenizerConfig, catalog, data_dir: Path, data_root: str
 
 def run_train(job: TrainJob) -> dict:
     """Train (and evaluate); returns run_summary.json's content."""
-    if job.mesh.distributed:
-        jax.distributed.initialize()
+    init_distributed(job.mesh)
     load_dotenv()
     check_output_dir(job.train)
     run = RunDir(job.train.output_dir, job)

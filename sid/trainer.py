@@ -25,7 +25,7 @@ from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_sharding
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
-from sid.run import RunDir
+from sid.run import RunDir, require_shared_directory
 from sid.tracking import Tracker
 from sid.trainer_config import TrainConfig
 
@@ -250,6 +250,7 @@ def fit(
     """
     accum = cfg.grad_accum_steps
     state, static, sharding = init_state(model, optimizer, seed=cfg.seed, mesh=mesh)
+    require_shared_directory(run.path)
     ckpt = Checkpointer(run.path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
     start = 0
     if cfg.resume and ckpt.latest_step() is not None:

@@ -16,7 +16,7 @@ from sid.data.config import TokenizerConfig
 from sid.data.tasks import load_split
 from sid.eval.runner import evaluate
 from sid.jobs import EvalJob
-from sid.mesh import make_mesh
+from sid.mesh import init_distributed, make_mesh
 from sid.models.build import build_model
 from sid.models.qwen2 import pad_vocab, unpad_vocab
 from sid.run import RunDir, load_dotenv
@@ -40,10 +40,7 @@ def checkpoint_dir(path: str) -> Path:
 
 def run_eval(job: EvalJob) -> dict:
     """Evaluate; returns run_summary.json's content."""
-    if job.mesh.distributed:
-        import jax
-
-        jax.distributed.initialize()
+    init_distributed(job.mesh)
     load_dotenv()
     run = RunDir(job.output_dir, job, log_name="eval.log")
     mesh = make_mesh(job.mesh)
