@@ -60,8 +60,12 @@ def init_distributed(cfg: MeshConfig) -> None:
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """A (dp, fsdp, tp) mesh over `devices` (default: all), resolving the auto (0) axes."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A (dp, fsdp, tp) mesh over `devices` (default: all), resolving the auto (0) axes.
+
+    Devices are laid out host-major (by process index, then id), so with dp over hosts each dp row is one host's
+    devices and each process's devices hold a contiguous block of the batch rows: the block its data loader reads.
+    """
+    devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
     n, tp = len(devices), cfg.tp
     if cfg.dp and cfg.fsdp:
         dp, fsdp = cfg.dp, cfg.fsdp
@@ -78,6 +82,19 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
             f"(resolved dp={dp}, fsdp={fsdp})"
         )
     return Mesh(np.asarray(devices).reshape(dp, fsdp, tp), AXES)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Shard dim 0 (the batch) over (dp, fsdp) and replicate the rest, when traced under
+    `jax.sharding.use_abstract_mesh` of a mesh with those axes (as `sharded_beam_search` does); else `x` as is.
+
+    Models call it on the residual stream at every layer, so the partitioner keeps activations split by batch and
+    gathers the fsdp-sharded weights, instead of sharding some activations by feature (which forces full
+    rematerializations where the two layouts meet, e.g. at RoPE)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -7,6 +7,7 @@ gathered from both processes, files and logs from process 0 only, and a clear fa
 processes do not share the output directory.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from sid.mesh import MeshConfig, init_distributed
+from sid.mesh import MeshConfig, init_distributed, make_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/train/cpu/smoke.yaml")
@@ -141,3 +142,15 @@ def test_explicit_process_id_must_be_in_range():
         init_distributed(MeshConfig(distributed=True, coordinator_address="localhost:1", num_processes=2, process_id=2))
     init_distributed(MeshConfig(distributed=False, process_id=7))  # not distributed: nothing is checked or joined
 
+
+def test_mesh_rows_are_hosts_whatever_the_device_order():
+    @dataclasses.dataclass(frozen=True)
+    class FakeDevice:  # what the mesh reads of a device; ids interleave hosts, as they may on a pod
+        id: int
+        process_index: int
+
+    devices = [FakeDevice(i, i % 2) for i in range(8)]
+    mesh = make_mesh(MeshConfig(dp=2), devices)
+    for row, host in zip(mesh.devices, (0, 1), strict=True):
+        assert [d.process_index for d in row.ravel()] == [host] * 4
+        assert [d.id for d in row.ravel()] == sorted(d.id for d in row.ravel())

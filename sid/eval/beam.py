@@ -12,7 +12,6 @@ i.e. length_penalty 0. Ties break deterministically: lower beam index, then lowe
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -109,8 +108,13 @@ def sharded_beam_search(mesh: Mesh, model: Qwen2, *, num_beams: int):
     way, as the trainer and checkpoint restore do), the trie replicated. ``model`` only supplies the tree structure.
     """
     batch = batch_sharding(mesh)
+
+    def search(model, trie, input_ids, mask):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return beam_search(model, trie, input_ids, mask, num_beams=num_beams)
+
     return jax.jit(
-        partial(beam_search, num_beams=num_beams),
+        search,
         in_shardings=(param_shardings(model, mesh), NamedSharding(mesh, PartitionSpec()), batch, batch),
         out_shardings=batch,
     )

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from sid.mesh import constrain_batch
 from sid.models.config import ModelConfig
 from sid.models.layers import DTYPES, Embedding, Linear, RMSNorm, apply_rope, rope_cos_sin, scan_layers
 
@@ -270,7 +271,8 @@ class Qwen2(eqx.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         def body(layer: Qwen2Layer, x: Array, layer_xs) -> tuple[Array, object]:
-            return layer(x, cos, sin, lambda q, k, v: attend(layer_xs, q, k, v))
+            x, collected = layer(x, cos, sin, lambda q, k, v: attend(layer_xs, q, k, v))
+            return constrain_batch(x), collected
 
         x, collected = scan_layers(body, x, self.layers, xs, remat=remat, unroll=cfg.scan_unroll)
         return self.final_norm(x), collected
