@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sid.config import ConfigError
+
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")
 _COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc"}
@@ -52,7 +54,7 @@ def init_distributed(cfg: MeshConfig) -> None:
         "process_id": cfg.process_id if cfg.process_id >= 0 else None,
     }
     if cfg.num_processes and not 0 <= cfg.process_id < cfg.num_processes:
-        raise ValueError(
+        raise ConfigError(
             f"mesh.process_id={cfg.process_id} must be in [0, mesh.num_processes={cfg.num_processes}) "
             "when mesh.num_processes is set"
         )
@@ -69,15 +71,24 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     n, tp = len(devices), cfg.tp
     if cfg.dp and cfg.fsdp:
         dp, fsdp = cfg.dp, cfg.fsdp
+        hosts = sorted({d.process_index for d in devices})
         devices = devices[: dp * fsdp * tp] if dp * fsdp * tp < n else devices  # fully explicit: use that many
         n = len(devices)
+        left_out = sorted(set(hosts) - {d.process_index for d in devices})
+        if left_out:  # those processes would hold no shard of anything: they crash and the others hang
+            raise ConfigError(
+                f"mesh: dp={dp} x fsdp={fsdp} x tp={tp} uses the devices of process(es) "
+                f"{sorted(set(hosts) - set(left_out))} only, but processes {left_out} take part too; a multi-process "
+                "run needs every process in the mesh: set --mesh.dp 0 --mesh.fsdp 0 (auto) or sizes that use all "
+                f"{len(hosts)} processes' devices"
+            )
     elif cfg.fsdp:
         dp, fsdp = n // max(1, cfg.fsdp * tp), cfg.fsdp
     else:
         dp = cfg.dp or jax.process_count()
         fsdp = n // max(1, dp * tp)
     if dp * fsdp * tp != n:
-        raise ValueError(
+        raise ConfigError(
             f"mesh: dp={cfg.dp or 'auto'} x fsdp={cfg.fsdp or 'auto'} x tp={tp} does not fit {n} devices "
             f"(resolved dp={dp}, fsdp={fsdp})"
         )

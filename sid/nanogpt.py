@@ -24,7 +24,7 @@ from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import check_output_dir, fit, make_optimizer
+from sid.trainer import check_output_dir, fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
 
@@ -48,8 +48,9 @@ def flops_per_token(model: GPT) -> float:
     return 6.0 * model.num_params() + 12.0 * c.n_layer * c.n_embd * c.block_size
 
 
-def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int):
-    """Mean held-out loss over `eval_loss_batches` fixed batches (same batches every call: deterministic)."""
+def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int, mesh):
+    """Mean held-out loss over `eval_loss_batches` fixed batches (same batches every call: deterministic). Each
+    process draws its own rows of every batch (`get_batch`), placed as one global array over the mesh."""
 
     @eqx.filter_jit
     def batch_loss(model, x, y):
@@ -57,10 +58,11 @@ def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int):
         return total / n
 
     # Drawn and placed on the device once: every evaluation reuses them.
-    batches = [
-        tuple(map(jnp.asarray, data.get_batch("val", rows, job.model.block_size, seed=job.train.seed + 1, step=i)))
-        for i in range(job.train.eval_loss_batches)
-    ]
+    batches = []
+    for i in range(job.train.eval_loss_batches):
+        x, y = data.get_batch("val", rows, job.model.block_size, seed=job.train.seed + 1, step=i)
+        placed = to_global({"x": x, "y": y}, mesh)
+        batches.append((placed["x"], placed["y"]))
 
     def estimate(model, step: int) -> float:
         losses = jax.device_get([batch_loss(model, x, y) for x, y in batches])  # one sync, not one per batch
@@ -119,7 +121,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
         process_count=jax.process_count(),
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
-    eval_loss = make_eval_loss(data, job, rows)
+    eval_loss = make_eval_loss(data, job, rows, mesh)
     best = {"loss": float("inf"), "step": None}
     best_path = run.path / "best_model.eqx"
 

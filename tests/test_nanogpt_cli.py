@@ -10,6 +10,7 @@ import numpy as np
 from sid.config import load_yaml
 from sid.data.chars import CharData
 from sid.jobs import NanoGPTJob
+from sid.mesh import make_mesh
 from sid.models.nanogpt import GPT
 from sid.nanogpt import make_eval_loss, run_nanogpt
 
@@ -43,7 +44,7 @@ def test_eval_loss_estimate_is_deterministic_for_a_seed(tmp_path):
     data = CharData.load(job.data)
     cfg = replace(job.model, vocab_size=data.codec.vocab_size)
     model = GPT.init(cfg, key=jax.random.key(0))
-    estimate = make_eval_loss(data, job, rows=8)
+    estimate = make_eval_loss(data, job, rows=8, mesh=make_mesh(job.mesh))
     a, b = estimate(model, 0), estimate(model, 0)
     assert a == b
     assert np.isclose(a, np.log(data.codec.vocab_size), rtol=0.1)  # an untrained model is near uniform
