@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
@@ -205,13 +206,23 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
 
 
 class _Preemption:
-    """Turns SIGTERM (spot preemption) into a flag the loop checks after each step."""
+    """Turns SIGTERM (spot preemption) into a stop that the loop checks after each step.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes: a pod's hosts get the signal at different
+    steps, and a process that stopped alone to save would wait forever for the others inside the collective save.
+    There JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM, tells every process,
+    and `reached_preemption_sync_point` turns true on all of them at the same step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._collective = jax.process_count() > 1
 
     def __enter__(self):
+        if self._collective:
+            return self
+
         def handler(signum, frame):
             log.warning("SIGTERM received: saving a checkpoint and exiting")
             self.requested = True
@@ -221,6 +232,13 @@ class _Preemption:
         except ValueError:  # not the main thread: leave signals alone
             self._previous = None
         return self
+
+    def stop_after(self, step: int) -> bool:
+        """Whether to save and stop now that `step` is done (every process must call this after every step)."""
+        if self._collective and multihost_utils.reached_preemption_sync_point(step):
+            log.warning("preemption notice reached every process: saving a checkpoint at step %d and exiting", step)
+            self.requested = True
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -371,7 +389,7 @@ def fit(
                     if on_eval is not None:
                         on_eval(done, val, current)
                     t_last = time.perf_counter()  # the held-out pass is not training time
-                if preempt.requested:
+                if preempt.stop_after(done):
                     finish_pending()
                     save(done, wait=True)
                     summary.update(preempted_at=done)

@@ -10,9 +10,12 @@ processes do not share the output directory.
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -52,10 +55,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(args_of_process) -> list[subprocess.CompletedProcess]:
-    """Start PROCESSES processes of one distributed run (args_of_process(i) -> argv) and wait for all of them."""
+def run_processes(args_of_process, while_running=None) -> list[subprocess.CompletedProcess]:
+    """Start PROCESSES processes of one distributed run (args_of_process(i) -> argv), call
+    `while_running(processes)` if given, and wait for all of them. Output goes to files, so a process that logs a
+    lot while the test waits never blocks on a full pipe."""
     port = free_port()
-    procs = []
+    procs, outputs = [], []
     for i in range(PROCESSES):
         argv = args_of_process(i) + [
             "--mesh.distributed",
@@ -63,20 +68,23 @@ def run_processes(args_of_process) -> list[subprocess.CompletedProcess]:
             "--mesh.num-processes", str(PROCESSES),
             "--mesh.process-id", str(i),
         ]  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                argv, cwd=ROOT, env=env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        outputs.append((out, err))
+        procs.append(subprocess.Popen(argv, cwd=ROOT, env=env(DEVICES_PER_PROCESS), stdout=out, stderr=err, text=True))
     results = []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        if while_running is not None:
+            while_running(procs)
+        for p, (out, err) in zip(procs, outputs, strict=True):
+            p.wait(timeout=TIMEOUT_S)
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out.read(), err.read()))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        for out, err in outputs:
+            out.close(), err.close()
     return results
 
 
@@ -153,6 +161,28 @@ def test_two_process_nanogpt_like_one(tmp_path):
     # as whole batches, they gave 3.14 on two processes against 2.87 on one).
     got, want = eval_losses(tmp_path / "two"), eval_losses(tmp_path / "one")
     assert sorted(got) == [10, 20] and got == pytest.approx(want, rel=1e-3)
+
+
+def test_sigterm_on_one_process_saves_on_all_at_the_same_step(tmp_path):
+    # A pod's hosts get the preemption signal at different moments. Here only process 1 gets it: both must agree
+    # on one step, write that checkpoint together and exit 0 (a process that stopped alone to save would wait
+    # forever for the other inside the collective save).
+    run = tmp_path / "run"
+
+    def preempt_process_1(procs):
+        deadline = time.time() + TIMEOUT_S
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "training never started"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+
+    results = run_processes(lambda i: train_args(run, 100_000, "--eval.no-enabled"), preempt_process_1)
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+    step = json.loads((run / "run_summary.json").read_text())["train"]["preempted_at"]
+    assert step >= 1 and (run / "checkpoints" / str(step)).is_dir()
+    assert f"saving a checkpoint at step {step} and exiting" in results[1].stderr
+    assert f"preempted: checkpoint {step} saved" in results[0].stderr
 
 
 def test_unshared_output_dir_fails_on_every_process_instead_of_hanging(tmp_path):
