@@ -48,17 +48,16 @@ def init_distributed(cfg: MeshConfig) -> None:
     """Join the multi-process run when `cfg.distributed` (before any other JAX call touches a device)."""
     if not cfg.distributed:
         return
-    explicit = {
-        "coordinator_address": cfg.coordinator_address or None,
-        "num_processes": cfg.num_processes or None,
-        "process_id": cfg.process_id if cfg.process_id >= 0 else None,
-    }
     if cfg.num_processes and not 0 <= cfg.process_id < cfg.num_processes:
         raise ConfigError(
             f"mesh.process_id={cfg.process_id} must be in [0, mesh.num_processes={cfg.num_processes}) "
             "when mesh.num_processes is set"
         )
-    jax.distributed.initialize(**explicit)
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator_address or None,
+        num_processes=cfg.num_processes or None,
+        process_id=cfg.process_id if cfg.process_id >= 0 else None,
+    )
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
@@ -71,16 +70,15 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     n, tp = len(devices), cfg.tp
     if cfg.dp and cfg.fsdp:
         dp, fsdp = cfg.dp, cfg.fsdp
-        hosts = sorted({d.process_index for d in devices})
+        hosts = {d.process_index for d in devices}
         devices = devices[: dp * fsdp * tp] if dp * fsdp * tp < n else devices  # fully explicit: use that many
         n = len(devices)
-        left_out = sorted(set(hosts) - {d.process_index for d in devices})
-        if left_out:  # those processes would hold no shard of anything: they crash and the others hang
+        used = {d.process_index for d in devices}
+        if used != hosts:  # the processes left out would hold no shard of anything: they crash and the others hang
             raise ConfigError(
-                f"mesh: dp={dp} x fsdp={fsdp} x tp={tp} uses the devices of process(es) "
-                f"{sorted(set(hosts) - set(left_out))} only, but processes {left_out} take part too; a multi-process "
-                "run needs every process in the mesh: set --mesh.dp 0 --mesh.fsdp 0 (auto) or sizes that use all "
-                f"{len(hosts)} processes' devices"
+                f"mesh: dp={dp} x fsdp={fsdp} x tp={tp} uses the devices of process(es) {sorted(used)} only, but "
+                f"processes {sorted(hosts - used)} take part too; a multi-process run needs every process in the "
+                f"mesh: set --mesh.dp 0 --mesh.fsdp 0 (auto) or sizes that use all {len(hosts)} processes' devices"
             )
     elif cfg.fsdp:
         dp, fsdp = n // max(1, cfg.fsdp * tp), cfg.fsdp

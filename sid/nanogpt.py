@@ -53,19 +53,19 @@ def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int, mesh):
     process draws its own rows of every batch (`get_batch`), placed as one global array over the mesh."""
 
     @eqx.filter_jit
-    def batch_loss(model, x, y):
-        total, n = gpt_loss(model, {"input_ids": x, "targets": y}, None)
+    def batch_loss(model, batch):
+        total, n = gpt_loss(model, batch, None)
         return total / n
 
-    # Drawn and placed on the device once: every evaluation reuses them.
-    batches = []
-    for i in range(job.train.eval_loss_batches):
+    def placed(i: int) -> dict:
         x, y = data.get_batch("val", rows, job.model.block_size, seed=job.train.seed + 1, step=i)
-        placed = to_global({"x": x, "y": y}, mesh)
-        batches.append((placed["x"], placed["y"]))
+        return to_global({"input_ids": x, "targets": y}, mesh)
+
+    # Drawn and placed on the device once: every evaluation reuses them.
+    batches = [placed(i) for i in range(job.train.eval_loss_batches)]
 
     def estimate(model, step: int) -> float:
-        losses = jax.device_get([batch_loss(model, x, y) for x, y in batches])  # one sync, not one per batch
+        losses = jax.device_get([batch_loss(model, b) for b in batches])  # one sync, not one per batch
         return float(np.mean([float(loss) for loss in losses]))
 
     return estimate

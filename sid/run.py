@@ -194,8 +194,8 @@ def require_shared_directory(path: Path) -> None:
         marker.write_text(token)
     multihost_utils.sync_global_devices("sid: shared run directory marker written")
     seen = _sees(marker, token)
+    # Gathering the answers is also the barrier after every read, so process 0 may then remove the marker.
     everyone = np.asarray(multihost_utils.process_allgather(np.asarray(seen)))
-    multihost_utils.sync_global_devices("sid: shared run directory marker read")
     if is_main_process():
         marker.unlink()
     if not everyone.all():
