@@ -82,8 +82,8 @@ def jax_memory(compiled=None) -> dict[str, int | None]:
     return out
 
 
-def kernel_table(planes, steps: int, top: int = 30) -> list[dict[str, Any]]:
-    """Device time per step by kernel (or copy) name from profiler planes, busiest first.
+def kernel_table(planes, steps: int, top: int | None = None) -> list[dict[str, Any]]:
+    """Device time per step by kernel (or copy) name from profiler planes, busiest first (all of them by default).
 
     Only device planes' stream lines count: they hold the kernels and copies, while the 'XLA Ops' / 'XLA Modules'
     lines cover the same time again, and host planes hold no device time.

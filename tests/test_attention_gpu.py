@@ -3,6 +3,7 @@ right- and left-padded rows, and `attention: auto` really lowering to cuDNN. Ski
 (run with JAX_PLATFORMS=cuda); on CPU, test_qwen2.py covers the masks against separate runs."""
 
 import dataclasses
+import re
 
 import equinox as eqx
 import jax
@@ -120,3 +121,22 @@ def test_cudnn_prefill_and_decode_equal_xla(model):
 
     for got, ref in zip(run(_with(model, "cudnn")), run(_with(model, "xla")), strict=True):
         assert _rel_err(got, ref) < 2e-2  # bf16 logits after 2 layers; a mask bug gives O(1)
+
+
+def test_dots_remat_keeps_cudnn_attention_outputs_instead_of_rerunning_the_forward(model):
+    """Under remat 'dots' the backward pass must not rerun cuDNN's attention forward: the policy saves its output and
+    softmax statistics (sid.models.layers.FUSED_ATTENTION_FORWARD). With remat 'full' it does rerun it."""
+    ids, positions, segments = _batch()
+
+    def fmha_calls(remat: str) -> tuple[int, int]:
+        m = dataclasses.replace(model, config=dataclasses.replace(model.config, attention="cudnn", remat=remat))
+        grad = eqx.filter_jit(eqx.filter_grad(_loss))
+        hlo = grad.lower(m, ids, positions, segments).compile().compiled.as_text()
+        targets = re.findall(r'custom_call_target="(__cudnn\$fmha[A-Za-z]*)"', hlo)
+        backward = sum("Backward" in t for t in targets)
+        return len(targets) - backward, backward
+
+    forward, backward = fmha_calls("dots")
+    assert backward > 0 and forward == backward, (forward, backward)
+    forward, backward = fmha_calls("full")  # the control: the check can see a rerun forward
+    assert forward == 2 * backward, (forward, backward)

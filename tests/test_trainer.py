@@ -116,6 +116,21 @@ def test_chunked_cross_entropy_matches_dense():
     assert int(n) == mask.sum()
 
 
+def test_one_pass_logsumexp_matches_float64_reference_on_extreme_rows():
+    from sid.loss import _logsumexp_one_pass
+
+    x = np.random.default_rng(2).normal(scale=30.0, size=(6, 1000))
+    x[1, :990] = -np.inf  # padded vocab rows: -inf logits
+    x[2] = -np.inf  # a row with nothing to normalise: -inf, not nan
+    x[3, 17] = 1e4  # one dominant logit: naive exp overflows
+    x[4] -= 1e4  # every logit very negative: naive exp underflows to 0
+    with np.errstate(divide="ignore"):
+        ref = np.logaddexp.reduce(x, axis=-1)
+    got = np.asarray(jax.jit(_logsumexp_one_pass)(jnp.asarray(x, jnp.float32)))
+    assert got[2] == -np.inf
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
 def test_chunk_size_is_the_largest_divisor_within_budget(monkeypatch):
     import sid.loss
 

@@ -117,6 +117,18 @@ def apply_rope(
 Remat = Literal["none", "full", "dots"]
 
 
+FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd"})
+"""jax's cuDNN attention forward primitives: their outputs are the attention output and its softmax statistics
+(one f32 per query and head), which is all the cuDNN backward needs besides q, k and v."""
+
+
+def _save_dots_and_fused_attention(prim, *args, **params) -> bool:
+    """Remat policy 'dots': weight matmul outputs and cuDNN attention's forward outputs are saved."""
+    return prim.name in FUSED_ATTENTION_FORWARD or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(
+        prim, *args, **params
+    )
+
+
 def scan_layers(
     fn: Callable[[Any, Any, Any], tuple[Any, Any]],
     carry: Any,
@@ -130,8 +142,9 @@ def scan_layers(
     [num_layers] axis) and per-layer inputs `xs`, with one traced layer so compile time does not grow with depth.
 
     remat: 'none' keeps every activation for the backward pass; 'full' keeps only each layer's input and
-    recomputes the rest; 'dots' keeps the weight matmul outputs and recomputes the cheap elementwise ops and the
-    attention scores (which scale with sequence length squared).
+    recomputes the rest; 'dots' keeps the weight matmul outputs, and the output and softmax statistics of cuDNN
+    fused attention (so its backward does not rerun its forward), and recomputes the cheap elementwise ops and
+    XLA attention's scores (which scale with sequence length squared).
 
     unroll: layers per loop iteration (`jax.lax.scan(unroll=...)`). 1 keeps compile time flat in depth; a small
     model is faster fully unrolled (no per-iteration loop overhead or carry copies), at a compile-time cost.
@@ -145,7 +158,7 @@ def scan_layers(
     if remat == "full":
         step = jax.checkpoint(step, prevent_cse=False)
     elif remat == "dots":
-        step = jax.checkpoint(step, prevent_cse=False, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        step = jax.checkpoint(step, prevent_cse=False, policy=_save_dots_and_fused_attention)
     elif remat != "none":
         raise ValueError(f"unknown remat policy {remat!r}: expected 'none', 'full' or 'dots'")
     return jax.lax.scan(step, carry, (params, xs), unroll=unroll)

@@ -12,7 +12,8 @@ NS5 normalises each matrix by its Frobenius norm (computed in float32, + 1e-7), 
 matrix is the small one, and runs the iteration in `ns_dtype`. All layers are orthogonalised at once by batched
 matmuls over the leading layer axis — no Python loop over layers. Two ways to compute the same iteration:
 
-- ``standard`` (Keller Jordan's): ``A = X Xᵀ; X ← a·X + (b·A + c·A²)·X``, every matmul in bfloat16. For an m×n matrix
+- ``standard`` (Keller Jordan's): ``A = X Xᵀ; X ← a·X + (b·A + c·A²)·X``, every matmul in bfloat16 (computed as
+  ``X ← P·X`` with the m×m ``P = a·I + b·A + c·A²``). For an m×n matrix
   (m ≤ n) that is ``4m²n + 2m³`` multiply-adds per step, most of them on the wide X.
 - ``gram`` (Dao AI Lab's Gram Newton–Schulz, https://tridao.me/blog/2026/gram-newton-schulz/): every step multiplies X
   on the left by the m×m polynomial ``P = a·I + b·G + c·G²`` of ``G = X Xᵀ``, so X_k = Q_k X_0 with ``Q ← P·Q``, and G
@@ -110,33 +111,39 @@ def newton_schulz(
 
 
 def _standard_iterations(x: Array, steps: int) -> Array:
+    """Keller Jordan's step ``X ← a·X + (b·A + c·A²)·X`` written as ``X ← P·X`` with ``P = a·I + b·A + c·A²`` summed
+    in f32 on the small m×m side: the same products, without an elementwise pass over the wide X per step."""
     a, b, c = NS_COEFFS
+    dtype = x.dtype
+    eye = jnp.eye(x.shape[-2], dtype=jnp.float32)
     for _ in range(steps):
         gram = x @ jnp.swapaxes(x, -1, -2)
-        poly = b * gram + c * (gram @ gram)
-        x = a * x + poly @ x
+        p = a * eye + b * gram.astype(jnp.float32) + c * (gram @ gram).astype(jnp.float32)
+        x = p.astype(dtype) @ x
     return x
 
 
 def _gram_iterations(x: Array, steps: int) -> Array:
-    """The NS steps as X ← Q X with Q a product of polynomials in G = X Xᵀ (matmuls in x.dtype, f32 accumulation;
-    P is formed in f32)."""
+    """The NS steps as X ← Q X with Q a product of polynomials in G = X Xᵀ.
+
+    Matmuls take and return x.dtype (accumulating in f32): every operand is rounded to x.dtype before its next
+    matmul anyway, so f32 outputs would only add a conversion pass per product. P is summed in f32."""
     a, b, c = NS_COEFFS
     dtype = x.dtype
 
     def mm(u, v):
-        return jnp.matmul(u.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.matmul(u, v, preferred_element_type=dtype)
 
     eye = jnp.eye(x.shape[-2], dtype=jnp.float32)
     for lo, hi in _blocks(steps, GRAM_RESTARTS):
         gram = mm(x, jnp.swapaxes(x, -1, -2))
         q = None
         for i in range(lo, hi):
-            p = a * eye + b * gram + c * mm(gram, gram)
+            p = (a * eye + b * gram.astype(jnp.float32) + c * mm(gram, gram).astype(jnp.float32)).astype(dtype)
             q = p if q is None else mm(p, q)
             if i < hi - 1:  # X ← P X gives G ← P G Pᵀ = P G P (P is symmetric)
                 gram = mm(mm(p, gram), p)
-        x = mm(q, x).astype(dtype)
+        x = mm(q, x)
     return x
 
 
