@@ -98,8 +98,9 @@ def newton_schulz(
         raise ValueError(f"unknown Newton–Schulz method {method!r}: expected one of {', '.join(NS_METHODS)}")
     x = x.astype(jnp.float32)
     x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + NS_EPS)
-    tall = _is_tall(x)
-    x = _as_wide(x)  # NS(Xᵀ) = NS(X)ᵀ; iterate on the wide side so X Xᵀ is the smaller Gram matrix.
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # NS(Xᵀ) = NS(X)ᵀ; iterate on the wide side so X Xᵀ is the smaller Gram matrix.
+        x = jnp.swapaxes(x, -1, -2)
     x = x.astype(dtype)
     rows, cols = x.shape[-2:]
     if method == "gram" and _gram_flops(rows, cols, steps) < _standard_flops(rows, cols, steps):
@@ -107,37 +108,6 @@ def newton_schulz(
     else:
         x = _standard_iterations(x, steps)
     return jnp.swapaxes(x, -1, -2) if tall else x
-
-
-def newton_schulz_many(
-    xs: list[Float[Array, "*batch rows cols"]], *, steps: int, dtype: jnp.dtype, method: Literal["standard", "gram"]
-) -> list[Float[Array, "*batch rows cols"]]:
-    """`newton_schulz` of each array, with matrices of the same shape up to a transpose run as one batch.
-
-    A Qwen2 layer's gate, up and down projections are 8960×1536, 8960×1536 and 1536×8960: one call of 3× the
-    batch instead of three calls (fewer, larger matmuls). The result equals mapping `newton_schulz` over `xs`."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, x in enumerate(xs):
-        if x.ndim < 2:
-            raise ValueError(f"Newton–Schulz needs matrices (ndim >= 2), got shape {x.shape}")
-        groups.setdefault(tuple(sorted(x.shape[-2:])), []).append(i)
-    out: list[Array | None] = [None] * len(xs)
-    for members in groups.values():
-        wide = [_as_wide(xs[i]).reshape(-1, *sorted(xs[i].shape[-2:])) for i in members]
-        done = newton_schulz(jnp.concatenate(wide), steps=steps, dtype=dtype, method=method)
-        bounds = list(itertools.accumulate(w.shape[0] for w in wide))
-        for i, part in zip(members, jnp.split(done, bounds[:-1]), strict=True):
-            x = xs[i]
-            out[i] = (jnp.swapaxes(part, -1, -2) if _is_tall(x) else part).reshape(x.shape)
-    return out
-
-
-def _is_tall(x: Array) -> bool:
-    return x.shape[-2] > x.shape[-1]
-
-
-def _as_wide(x: Array) -> Array:
-    return jnp.swapaxes(x, -1, -2) if _is_tall(x) else x
 
 
 def _standard_iterations(x: Array, steps: int) -> Array:
@@ -201,10 +171,13 @@ def scale_by_muon(
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), updates)
         buf = jax.tree.map(lambda m, g: momentum * m + (1 - momentum) * g, state.momentum, grads)
         mix = jax.tree.map(lambda m, g: momentum * m + (1 - momentum) * g, buf, grads) if nesterov else buf
-        leaves, treedef = jax.tree.flatten(mix)
-        ortho = newton_schulz_many(leaves, steps=ns_steps, dtype=ns_dtype, method=ns_method)
-        scaled = [o.astype(jnp.float32) * shape_scale(u.shape) for o, u in zip(ortho, leaves, strict=True)]
-        out = treedef.unflatten(scaled)
+        out = jax.tree.map(
+            lambda u: (
+                newton_schulz(u, steps=ns_steps, dtype=ns_dtype, method=ns_method).astype(jnp.float32)
+                * shape_scale(u.shape)
+            ),
+            mix,
+        )
         return out, ScaleByMuonState(buf)
 
     return optax.GradientTransformation(init_fn, update_fn)
