@@ -297,9 +297,14 @@ class Qwen2(eqx.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: Float[Array, "... embed"]) -> Float[Array, "... vocab"]:
-        """float32 logits, -inf at ids >= valid_vocab (padding and unused rows are never produced)."""
+        """float32 logits, -inf at ids >= valid_vocab (padding and unused rows are never produced).
+
+        Under a mesh (beam search), the logits stay split by batch over (dp, fsdp) like the hidden states: left
+        to itself, XLA 0.11's Shardy partitioner splits this matmul's batch over dp only (the fsdp axis goes to the
+        vocab rows of the head) and then fails a check when resharding the hidden states (dp > 1 crashed)."""
         w = self.head_weight().astype(hidden.dtype)
-        out = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+        out = jnp.einsum("...d,vd->...v", constrain_batch(hidden), w, preferred_element_type=jnp.float32)
+        out = constrain_batch(out)
         if self.valid_vocab < out.shape[-1]:
             out = jnp.where(jnp.arange(out.shape[-1]) < self.valid_vocab, out, -jnp.inf)
         return out
