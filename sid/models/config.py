@@ -38,7 +38,7 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init for from-scratch weights."""
     remat: Literal["none", "full", "dots"] = "full"
-    """Rematerialisation of each scanned layer: none, full, or save only matmul outputs ('dots')."""
+    """Rematerialisation of each scanned layer: none, full, or save only matmul and cuDNN attention outputs ('dots')."""
     scan_unroll: int = 1
     """Layers per iteration of the layer scan: 1 keeps compile time flat in depth; num_layers unrolls fully."""
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
