@@ -114,7 +114,11 @@ def _logsumexp_one_pass(x: Float[Array, "c v"]) -> Float[Array, " c"]:
         (ma, sa), (mb, sb) = a, b
         m = jnp.maximum(ma, mb)
         finite = m > -jnp.inf  # both -inf: exp(-inf - -inf) would be nan
-        scale = lambda mx: jnp.where(finite, jnp.exp(mx - jnp.where(finite, m, 0.0)), 0.0)  # noqa: E731
+        safe_m = jnp.where(finite, m, 0.0)
+
+        def scale(mx):
+            return jnp.where(finite, jnp.exp(mx - safe_m), 0.0)
+
         return m, sa * scale(ma) + sb * scale(mb)
 
     ones = jnp.ones_like(x)

@@ -111,16 +111,19 @@ def newton_schulz(
 
 
 def _standard_iterations(x: Array, steps: int) -> Array:
-    """Keller Jordan's step ``X ← a·X + (b·A + c·A²)·X`` written as ``X ← P·X`` with ``P = a·I + b·A + c·A²`` summed
-    in f32 on the small m×m side: the same products, without an elementwise pass over the wide X per step."""
-    a, b, c = NS_COEFFS
-    dtype = x.dtype
-    eye = jnp.eye(x.shape[-2], dtype=jnp.float32)
+    """Keller Jordan's step ``X ← a·X + (b·A + c·A²)·X`` written as ``X ← P·X`` (`_polynomial` on the small m×m side):
+    the same products, without an elementwise pass over the wide X per step."""
     for _ in range(steps):
-        gram = x @ jnp.swapaxes(x, -1, -2)
-        p = a * eye + b * gram.astype(jnp.float32) + c * (gram @ gram).astype(jnp.float32)
-        x = p.astype(dtype) @ x
+        x = _polynomial(x @ jnp.swapaxes(x, -1, -2)) @ x
     return x
+
+
+def _polynomial(gram: Array) -> Array:
+    """``P = a·I + b·G + c·G²`` of a Gram matrix: G² in G's dtype, the sum in f32, returned in G's dtype."""
+    a, b, c = NS_COEFFS
+    square = jnp.matmul(gram, gram, preferred_element_type=gram.dtype)
+    eye = jnp.eye(gram.shape[-1], dtype=jnp.float32)
+    return (a * eye + b * gram.astype(jnp.float32) + c * square.astype(jnp.float32)).astype(gram.dtype)
 
 
 def _gram_iterations(x: Array, steps: int) -> Array:
@@ -128,18 +131,16 @@ def _gram_iterations(x: Array, steps: int) -> Array:
 
     Matmuls take and return x.dtype (accumulating in f32): every operand is rounded to x.dtype before its next
     matmul anyway, so f32 outputs would only add a conversion pass per product. P is summed in f32."""
-    a, b, c = NS_COEFFS
     dtype = x.dtype
 
     def mm(u, v):
         return jnp.matmul(u, v, preferred_element_type=dtype)
 
-    eye = jnp.eye(x.shape[-2], dtype=jnp.float32)
     for lo, hi in _blocks(steps, GRAM_RESTARTS):
         gram = mm(x, jnp.swapaxes(x, -1, -2))
         q = None
         for i in range(lo, hi):
-            p = (a * eye + b * gram.astype(jnp.float32) + c * mm(gram, gram).astype(jnp.float32)).astype(dtype)
+            p = _polynomial(gram)
             q = p if q is None else mm(p, q)
             if i < hi - 1:  # X ← P X gives G ← P G Pᵀ = P G P (P is symmetric)
                 gram = mm(mm(p, gram), p)
