@@ -1,14 +1,18 @@
 """The device mesh (axes dp, fsdp, tp) and the rules that shard params, optimizer state and batches over it.
 
 Params: tp splits attention heads and MLP width (column-parallel q/k/v/gate/up/c_attn/c_fc on their output dim,
-row-parallel o/down/c_proj on their input dim, embeddings on the vocab dim); fsdp then splits the largest remaining
-dimension it divides. The leading layer axis of scanned stacks is never split. Batches split over (dp, fsdp).
+row-parallel o/down/c_proj on their input dim); fsdp then splits the largest remaining dimension it divides.
+Vocab tables (embeddings, LM head) split their rows over tp and fsdp together, so lookups stay batch-split.
+The leading layer axis of scanned stacks is never split. Batches split over (dp, fsdp).
 Optimizer-state leaves take the sharding of the param whose path they end with (moments mirror params).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import jax
 import numpy as np
@@ -21,6 +25,8 @@ BATCH_AXES = ("dp", "fsdp")
 _COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "c_attn", "c_fc"}
 _ROW_PARALLEL = {"o_proj", "down_proj", "c_proj"}
 _VOCAB = {"embed", "lm_head", "wte"}
+_Args = ParamSpec("_Args")
+_Out = TypeVar("_Out")
 
 
 @dataclass(frozen=True)
@@ -93,9 +99,21 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(dp, fsdp, tp), AXES)
 
 
+def traced_on(mesh: Mesh, fn: Callable[_Args, _Out]) -> Callable[_Args, _Out]:
+    """`fn`, traced under `mesh`'s abstract mesh so the models' `constrain_batch` calls take effect. Every jitted
+    function that runs a model over a mesh (train step, held-out loss, beam search) is wrapped in this."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: _Args.args, **kwargs: _Args.kwargs) -> _Out:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """Shard dim 0 (the batch) over (dp, fsdp) and replicate the rest, when traced under
-    `jax.sharding.use_abstract_mesh` of a mesh with those axes (as `sharded_beam_search` does); else `x` as is.
+    """Shard dim 0 (the batch) over (dp, fsdp) and replicate the rest, when traced under the abstract mesh of a
+    mesh with those axes (`traced_on`); else `x` as is.
 
     Models call it on the residual stream at every layer, so the partitioner keeps activations split by batch and
     gathers the fsdp-sharded weights, instead of sharding some activations by feature (which forces full
@@ -104,6 +122,21 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
+
+
+def constrain_table(table: jax.Array) -> jax.Array:
+    """A vocab table `[rows, features]` about to be indexed by token ids: under an abstract mesh, rows split as
+    `param_shardings` splits them and features whole; else `table` as is.
+
+    A no-op where the rows take the split. Where they cannot (e.g. a 65-character vocab), the features hold
+    fsdp's split: that is gathered here, like any FSDP weight, because a lookup in a feature-split table comes
+    out feature-split, and XLA can turn that into the residual stream's batch split only by rematerialising the
+    whole activation."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return table
+    rows = _table_rows(table.shape[0], mesh.shape["tp"], mesh.shape["fsdp"])
+    return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, *[None] * (table.ndim - 1)))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -125,6 +158,20 @@ def _names(path) -> list[str]:
     return out
 
 
+def _table_rows(rows: int, tp: int, fsdp: int) -> str | tuple[str, ...] | None:
+    """Mesh axes that split a vocab table's rows: tp and fsdp together where they divide the rows, else the one
+    that does (tp first). Rows are split rather than features so that a lookup of batch-split token ids comes out
+    batch-split (see `constrain_table`)."""
+    if tp * fsdp > 1 and rows % (tp * fsdp) == 0:
+        axes = tuple(a for a, n in (("tp", tp), ("fsdp", fsdp)) if n > 1)
+        return axes[0] if len(axes) == 1 else axes
+    if tp > 1 and rows % tp == 0:
+        return "tp"
+    if fsdp > 1 and rows % fsdp == 0:
+        return "fsdp"
+    return None
+
+
 def _param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     names = _names(path)
     stacked = "layers" in names
@@ -140,10 +187,11 @@ def _param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     elif owner in _ROW_PARALLEL and names[-1] == "weight":
         tp_dim = len(shape) - 1
     elif owner in _VOCAB:
-        tp_dim = first
+        spec[first] = _table_rows(shape[first], tp, fsdp)
     if tp > 1 and tp_dim is not None and tp_dim >= first and shape[tp_dim] % tp == 0:
         spec[tp_dim] = "tp"
-    if fsdp > 1:
+    used = {a for s in spec if s is not None for a in ((s,) if isinstance(s, str) else s)}
+    if fsdp > 1 and "fsdp" not in used:
         free = [d for d in range(first, len(shape)) if spec[d] is None and shape[d] % fsdp == 0]
         if free:
             spec[max(free, key=lambda d: shape[d])] = "fsdp"

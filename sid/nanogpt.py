@@ -19,7 +19,7 @@ from sid.config import run_cli
 from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, traced_on
 from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
@@ -52,10 +52,11 @@ def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int, mesh):
     """Mean held-out loss over `eval_loss_batches` fixed batches (same batches every call: deterministic). Each
     process draws its own rows of every batch (`get_batch`), placed as one global array over the mesh."""
 
-    @eqx.filter_jit
-    def batch_loss(model, batch):
+    def mean_loss(model, batch):
         total, n = gpt_loss(model, batch, None)
         return total / n
+
+    batch_loss = eqx.filter_jit(traced_on(mesh, mean_loss))
 
     def placed(i: int) -> dict:
         x, y = data.get_batch("val", rows, job.model.block_size, seed=job.train.seed + 1, step=i)

@@ -23,7 +23,7 @@ from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, traced_on
 from sid.models.build import build_model, flops_per_token, num_params, token_extension
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
@@ -64,7 +64,7 @@ def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
     batches = plan.eval_batches(process_index=jax.process_index(), process_count=jax.process_count())
     # Placed on the device once: every evaluation reuses them.
     batches = [to_global(b, mesh) for b in batches[: job.train.eval_loss_batches]]
-    batch_loss = eqx.filter_jit(lambda model, batch: sft_loss(model, batch, None))
+    batch_loss = eqx.filter_jit(traced_on(mesh, lambda model, batch: sft_loss(model, batch, None)))
 
     def estimate(model, step: int) -> float:
         results = jax.device_get([batch_loss(model, b) for b in batches])  # one sync, not one per batch

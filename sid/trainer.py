@@ -22,7 +22,7 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError
-from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_shardings
+from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_shardings, traced_on
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
@@ -132,7 +132,7 @@ def make_train_step(
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     return jax.jit(
-        step,
+        traced_on(mesh, step),
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, None),
         donate_argnums=0,

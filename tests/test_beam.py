@@ -148,7 +148,11 @@ def test_exact_ties_break_by_beam_then_token_id(setup):
         assert np.unique(np.asarray(out.scores)[:, :n]).size == 1
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(), MeshConfig(dp=2), MeshConfig(tp=2)], ids=["fsdp8", "dp2", "tp2"])
+@pytest.mark.parametrize(
+    "mesh_cfg",
+    [MeshConfig(), MeshConfig(dp=2), MeshConfig(tp=2), MeshConfig(dp=2, fsdp=2, tp=2)],
+    ids=["fsdp8", "dp2", "tp2", "dp2_fsdp2_tp2"],
+)
 def test_sharded_over_eight_devices_equals_single_device(setup, mesh_cfg, capfd):
     model, trie, _, ids, mask, oracle = setup
     assert jax.device_count() == 8

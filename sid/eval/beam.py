@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from sid.eval.trie import TrieTables
-from sid.mesh import batch_sharding, param_shardings
+from sid.mesh import batch_sharding, param_shardings, traced_on
 from sid.models.qwen2 import Qwen2
 
 
@@ -110,11 +110,10 @@ def sharded_beam_search(mesh: Mesh, model: Qwen2, *, num_beams: int):
     batch = batch_sharding(mesh)
 
     def search(model, trie, input_ids, mask):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return beam_search(model, trie, input_ids, mask, num_beams=num_beams)
+        return beam_search(model, trie, input_ids, mask, num_beams=num_beams)
 
     return jax.jit(
-        search,
+        traced_on(mesh, search),
         in_shardings=(param_shardings(model, mesh), NamedSharding(mesh, PartitionSpec()), batch, batch),
         out_shardings=batch,
     )

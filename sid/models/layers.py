@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from sid.mesh import constrain_table
+
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 """Config dtype names to JAX dtypes."""
 
@@ -49,7 +51,7 @@ class Embedding(eqx.Module):
 
     def __call__(self, ids: Int[Array, "..."], dtype: Any) -> Float[Array, "... embed"]:
         """Rows for `ids`, cast to `dtype` (the model's compute dtype)."""
-        return jnp.take(self.weight, ids, axis=0).astype(dtype)
+        return jnp.take(constrain_table(self.weight), ids, axis=0).astype(dtype)
 
 
 class RMSNorm(eqx.Module):

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from sid.mesh import constrain_batch, constrain_table
 from sid.models.config import GPTConfig
 from sid.models.layers import DTYPES, LayerNorm, Linear, scan_layers
 
@@ -139,10 +140,12 @@ class GPT(eqx.Module):
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
         dtype = DTYPES[self.config.compute_dtype]
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
-        x = _dropout((jnp.take(self.wte, idx, axis=0) + self.wpe[:t]).astype(dtype), self.config.dropout, k_emb)
+        x = _dropout(
+            (jnp.take(constrain_table(self.wte), idx, axis=0) + self.wpe[:t]).astype(dtype), self.config.dropout, k_emb
+        )
         layer_keys = None if k_layers is None else jax.random.split(k_layers, self.config.n_layer)
         x, _ = scan_layers(
-            lambda block, x, k: (block(x, key=k), None),
+            lambda block, x, k: (constrain_batch(block(x, key=k)), None),
             x,
             self.layers,
             layer_keys,
