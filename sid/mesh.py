@@ -124,6 +124,38 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
+def param_split() -> int:
+    """How many ways the params are split (fsdp x tp) under the current abstract mesh; 1 outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return 1
+    return mesh.shape["fsdp"] * mesh.shape["tp"]
+
+
+def split_leading(x: jax.Array) -> jax.Array:
+    """Under an abstract mesh, move the param split (fsdp, tp) to dim 0, whose size `param_split()` must divide, and
+    keep the other dims whole; else `x` as is. Muon uses it to hand each device whole matrices of a layer stack."""
+    if param_split() == 1:
+        return x
+    # One axis at a time: each step is then a plain all-to-all over that axis. Moving both in one constraint (e.g.
+    # tp from the rows and fsdp from the columns) is a layout change XLA can only make by replicating the tensor.
+    x = jax.lax.with_sharding_constraint(x, _leading("fsdp", x.ndim))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(("fsdp", "tp")))
+
+
+def unsplit_leading(x: jax.Array) -> jax.Array:
+    """The way back from `split_leading`, one axis at a time: tp leaves dim 0 first, for the partitioner to place."""
+    if param_split() == 1:
+        return x
+    x = jax.lax.with_sharding_constraint(x, PartitionSpec(("fsdp", "tp")))
+    return jax.lax.with_sharding_constraint(x, _leading("fsdp", x.ndim))
+
+
+def _leading(axis: str, ndim: int) -> PartitionSpec:
+    """Dim 0 split over `axis`; the partitioner chooses the rest."""
+    return PartitionSpec(axis, *(PartitionSpec.UNCONSTRAINED,) * (ndim - 1))
+
+
 def constrain_table(table: jax.Array) -> jax.Array:
     """A vocab table `[rows, features]` about to be indexed by token ids: under an abstract mesh, rows split as
     `param_shardings` splits them and features whole; else `table` as is.

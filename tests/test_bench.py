@@ -18,6 +18,7 @@ SCRIPTS = {
     "eval": ["bench/eval_throughput.py", "--tiny"],
     "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
     "newton_schulz": ["bench/newton_schulz.py", "--tiny"],
+    "collectives": ["bench/step_collectives.py", "--tiny"],
 }
 TINY_VOCAB = 1000  # train_throughput's tiny vocab (padded to 1024 rows)
 SHAKESPEARE_CHARS = 65
@@ -188,3 +189,72 @@ def test_kernel_table_sums_device_streams_per_step():
         {"name": "MemcpyD2D", "ms_per_step": 0.5, "calls_per_step": 0.5},
     ]
     assert kernel_table(planes, steps=2, top=1) == table[:1]
+
+
+def test_step_collectives(results):
+    record, stdout, _ = results["collectives"]
+    runs = {(r["mesh"], r["optimizer"]): r["collectives"] for r in record["results"]}
+    assert set(runs) == {(m, o) for m in ("1x2x1", "1x1x2") for o in ("adamw", "muon_local")}
+    for (mesh, optimizer), parts in runs.items():
+        # Activations keep their batch split: no re-layout anywhere in the forward and backward.
+        assert not any(k.startswith(("fwd_bwd/all-to-all", "fwd_bwd/collective-permute")) for k in parts), parts
+        # Everything in the micro-batch loop runs once per micro-batch (2), or once per layer (2) of each.
+        assert all(v["count"] % 2 == 0 for k, v in parts.items() if k.startswith("fwd_bwd/")), parts
+        assert parts["fwd_bwd/all-gather" if mesh == "1x2x1" else "fwd_bwd/all-reduce"]["gb"] > 0
+        if optimizer == "muon_local":  # whole matrices per device: two all-to-alls per stack, no gathered Grams
+            assert "update/all-to-all" in parts
+            assert parts.get("update/all-gather", {"gb": 0})["gb"] < 1e-6
+    assert "| tiny | 1x2x1 | muon_local | update/all-to-all |" in stdout
+
+
+HLO = """HloModule m
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  ROOT %s = bf16[] add(bf16[] %a, bf16[] %b)
+}
+
+%inner_body (p: (s32[], bf16[16])) -> (s32[], bf16[16]) {
+  %ar = bf16[16]{0} all-reduce-start(bf16[16]{0} %y), to_apply=%add
+  %done = bf16[16]{0} all-reduce-done(bf16[16]{0} %ar)
+}
+
+%outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %ag = f32[4,8]{1,0} all-gather(f32[2,8]{1,0} %x), dimensions={0}
+  %w2 = (s32[], bf16[16]) while(%t), condition=%c, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+}
+
+%branch (p: f32[2]) -> f32[2] {
+  %cp = f32[2]{0} collective-permute(f32[2]{0} %p), source_target_pairs={{0,1},{1,0}}
+}
+
+ENTRY %main (a: f32[2,8]) -> f32[4,8] {
+  %w = (s32[], f32[4,8]) while(%init), condition=%c, body=%outer_body, backend_config={"known_trip_count":{"n":"2"}}
+  %a2a = (f32[2,8]{1,0}, /*index=1*/s32[3]{0}) all-to-all(f32[2,8]{1,0} %x, s32[3]{0} %y), dimensions={0}
+  %cond = f32[2] conditional(pred[] %q, f32[2] %u, f32[2] %v), branch_computations={%branch, %branch}
+}
+"""
+
+
+def test_hlo_collectives_weights_by_loop_trip_counts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("step_collectives", ROOT / "bench" / "step_collectives.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(mod)
+    got = sorted(mod.hlo_collectives(HLO), key=lambda c: c.kind)
+    C = mod.Collective
+    assert got == [
+        C("all-gather", 4 * 8 * 4, runs=2, loops=1),
+        C("all-reduce", 16 * 2, runs=2 * 3, loops=2),  # the -start counted, the -done not
+        C("all-to-all", 2 * 8 * 4 + 3 * 4, runs=1, loops=0),
+        C("collective-permute", 2 * 4, runs=1, loops=0),  # each of the two branches
+        C("collective-permute", 2 * 4, runs=1, loops=0),
+    ]
+    assert mod.summarize(got) == {
+        "fwd_bwd/all-gather": {"count": 2, "gb": 256 / 1e9},
+        "fwd_bwd/all-reduce": {"count": 6, "gb": 6 * 32 / 1e9},
+        "update/all-to-all": {"count": 1, "gb": 76 / 1e9},
+        "update/collective-permute": {"count": 2, "gb": 16 / 1e9},
+    }
+    with pytest.raises(ValueError, match="known trip count"):
+        mod.hlo_collectives(HLO.replace(', backend_config={"known_trip_count":{"n":"2"}}', ""))

@@ -17,6 +17,7 @@ from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
+from sid.optim.config import OptimizerConfig
 from sid.train import sft_loss
 from sid.trainer import init_state, make_train_step, to_global
 
@@ -98,18 +99,30 @@ CASES = {
 }
 
 
+def sgd():
+    """Its update is the gradient itself: Adam's first update ~ sign(g) magnifies float noise where g ~ 0."""
+    lr = optax.constant_schedule(1.0)
+    return optax.sgd(lr), lr
+
+
+def muon(method: str):
+    """muon_local in float32 (so one device and eight agree to float noise); AdamW's aux rate is tiny for the
+    same sign(g) reason."""
+    lr = optax.constant_schedule(1e-2)
+    cfg = OptimizerConfig(name="muon_local", ns_dtype="float32", ns_method=method)
+    return cfg.build(learning_rate=lr, aux_learning_rate=1e-7, clip_norm=0.0), lr
+
+
 @functools.cache
-def single_device_step(case: str):
-    return step_on(MeshConfig(), jax.devices()[:1], case)
+def single_device_step(case: str, optimizer=sgd):
+    return step_on(MeshConfig(), jax.devices()[:1], case, optimizer)
 
 
-def step_on(mesh_cfg: MeshConfig, devices, case: str):
-    """One SGD step (2 micro-batches) of a real model on a mesh: (metrics, new params, compiled HLO text). SGD,
-    because its update is the gradient itself: Adam's first update ~ sign(g) magnifies float noise where g ~ 0."""
+def step_on(mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd):
+    """One step (2 micro-batches) of a real model on a mesh: (metrics, new params, compiled HLO text)."""
     build, loss_fn, batch = CASES[case]
     mesh = make_mesh(mesh_cfg, devices)
-    lr = optax.constant_schedule(1.0)
-    opt = optax.sgd(lr)
+    opt, lr = optimizer()
     state, static, sharding = init_state(build(), opt, seed=0, mesh=mesh)
     step = make_train_step(static, loss_fn, opt, accum=2, mesh=mesh, state_sharding=sharding, lr_schedule=lr)
     batch = to_global(batch(), mesh)
@@ -140,3 +153,31 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
         assert relayouts
     else:
         assert relayouts == []
+
+
+def outside_loops(hlo: str, ops: str) -> list[str]:
+    """Collectives `ops` (regex alternation) of the compiled step that are not inside the micro-batch loop: the
+    optimizer's."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(rf"= (.*?) ({ops})(?:-start)?\(", line)
+        if m and "while/body" not in line:
+            found.append(f"{m.group(2)} {m.group(1)[:60]}")
+    return found
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp2_tp2"])
+def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
+    single = single_device_step("qwen2", functools.partial(muon, method))
+    sharded = step_on(MESHES[mesh_name], jax.devices(), "qwen2", functools.partial(muon, method))
+    for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (sid.optim.muon.orthogonalize):
+    # no Newton–Schulz step all-gathers or all-reduces partial Gram matrices any more, as it did (standard form,
+    # fsdp8: 30 all-gathers and 25 matrix all-reduces; dp2 x fsdp2 x tp2: 35, 89 and 105 collective-permutes).
+    # What is left is the all-to-alls and the scalar norms' reductions.
+    assert outside_loops(sharded[2], "all-gather") == []
+    assert outside_loops(sharded[2], "all-to-all")
+    matrices = [c for c in outside_loops(sharded[2], "all-reduce") if re.search(r"\[\d+,\d+,\d+\]", c)]
+    assert matrices == []

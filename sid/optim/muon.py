@@ -10,7 +10,9 @@ following https://github.com/KellerJordan/Muon:
 
 NS5 normalises each matrix by its Frobenius norm (computed in float32, + 1e-7), transposes tall matrices so the Gram
 matrix is the small one, and runs the iteration in `ns_dtype`. All layers are orthogonalised at once by batched
-matmuls over the leading layer axis — no Python loop over layers. Two ways to compute the same iteration:
+matmuls over the leading layer axis — no Python loop over layers. Over a mesh, `orthogonalize` first re-splits each
+stack by layer, so every device iterates on whole matrices of its share of the layers and no collective runs inside
+the iteration. Two ways to compute the same iteration:
 
 - ``standard`` (Keller Jordan's): ``A = X Xᵀ; X ← a·X + (b·A + c·A²)·X``, every matmul in bfloat16 (computed as
   ``X ← P·X`` with the m×m ``P = a·I + b·A + c·A²``). For an m×n matrix
@@ -42,6 +44,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
+from sid.mesh import param_split, split_leading, unsplit_leading
 from sid.optim.adamw import adamw
 from sid.optim.routing import ADAMW, MUON, label_params
 
@@ -92,16 +95,24 @@ def newton_schulz(
     Returns `dtype`. Leading axes are batch axes: one batched matmul per iteration orthogonalises them all.
     `method="gram"` iterates on the Gram matrix where that takes fewer FLOPs (module docstring).
     """
+    return _iterate(_normalized(x, dtype), steps=steps, method=method)
+
+
+def _normalized(x: Array, dtype: jnp.dtype) -> Array:
+    """Each matrix divided by its Frobenius norm (in f32), then cast to the iteration's dtype."""
     if x.ndim < 2:
         raise ValueError(f"Newton–Schulz needs matrices (ndim >= 2), got shape {x.shape}")
+    x = x.astype(jnp.float32)
+    return (x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + NS_EPS)).astype(dtype)
+
+
+def _iterate(x: Array, *, steps: int, method: str) -> Array:
+    """The NS steps on normalised matrices, in x.dtype."""
     if method not in NS_METHODS:
         raise ValueError(f"unknown Newton–Schulz method {method!r}: expected one of {', '.join(NS_METHODS)}")
-    x = x.astype(jnp.float32)
-    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + NS_EPS)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # NS(Xᵀ) = NS(X)ᵀ; iterate on the wide side so X Xᵀ is the smaller Gram matrix.
         x = jnp.swapaxes(x, -1, -2)
-    x = x.astype(dtype)
     rows, cols = x.shape[-2:]
     if method == "gram" and _gram_flops(rows, cols, steps) < _standard_flops(rows, cols, steps):
         x = _gram_iterations(x, steps)
@@ -148,6 +159,25 @@ def _gram_iterations(x: Array, steps: int) -> Array:
     return x
 
 
+def orthogonalize(
+    u: Float[Array, "*batch rows cols"], *, steps: int, dtype: jnp.dtype, method: Literal["standard", "gram"]
+) -> Float[Array, "*batch rows cols"]:
+    """`newton_schulz(u)`, with whole matrices on each device when the params are split over a mesh.
+
+    A layer stack ``[layers, out, in]`` arrives split like its param (fsdp and tp inside each matrix). Iterating on
+    that layout makes every Newton–Schulz step all-reduce partial Gram matrices and all-gather them back, and every
+    device repeats the m×m products of every layer. Instead the normalised stack (already in the iteration's
+    dtype) is re-split by layer, with an all-to-all per mesh axis and the layer count padded with zero matrices
+    (whose NS is zero) to a multiple of the devices. Each device iterates on its own layers, and the same
+    all-to-alls in reverse restore the param's split. The iteration per matrix is the same either way."""
+    split = param_split()
+    if split == 1 or u.ndim < 3:
+        return newton_schulz(u, steps=steps, dtype=dtype, method=method)
+    layers = u.shape[0]
+    x = jnp.pad(_normalized(u, dtype), ((0, -layers % split),) + ((0, 0),) * (u.ndim - 1))
+    return unsplit_leading(_iterate(split_leading(x), steps=steps, method=method))[:layers]
+
+
 def shape_scale(shape: tuple[int, ...]) -> float:
     """Keller Jordan's update scale ``sqrt(max(1, out/in))`` for a ``[..., out, in]`` matrix."""
     return max(1.0, shape[-2] / shape[-1]) ** 0.5
@@ -174,7 +204,7 @@ def scale_by_muon(
         mix = jax.tree.map(lambda m, g: momentum * m + (1 - momentum) * g, buf, grads) if nesterov else buf
         out = jax.tree.map(
             lambda u: (
-                newton_schulz(u, steps=ns_steps, dtype=ns_dtype, method=ns_method).astype(jnp.float32)
+                orthogonalize(u, steps=ns_steps, dtype=ns_dtype, method=ns_method).astype(jnp.float32)
                 * shape_scale(u.shape)
             ),
             mix,

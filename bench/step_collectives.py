@@ -1,0 +1,229 @@
+"""What a sharded train step sends between devices, read from its compiled HLO: no accelerator needed.
+
+Compiles sid's train step (sid.trainer.make_train_step + sid.train.sft_loss) for the Qwen2.5 architectures on a
+(dp, fsdp, tp) mesh of simulated CPU devices, from abstract params (nothing is allocated, so 1.5B compiles on a
+laptop), and sums every collective's per-device output bytes, each weighted by how often it runs in one optimizer
+step (the trip counts of the layer and micro-batch loops around it). Reported per kind, split into the forward /
+backward (inside the micro-batch loop) and the optimizer update (outside it).
+
+The figures are the SPMD partitioner's decisions: which tensors cross devices, and how. Backends then rewrite the
+collectives (GPU and TPU turn an all-reduce followed by a slice into a reduce-scatter; the CPU backend keeps
+bfloat16 out of some ops, so some payloads read as float32 here), so treat them as a layout check and an upper
+bound, not a bandwidth measurement.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
+        python bench/step_collectives.py --archs 1.5b --meshes 1x8x1,2x2x2 --out runs/bench/step_collectives.json
+    python bench/step_collectives.py --tiny --out /tmp/collectives_tiny.json                  # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from common import INDUSTRIAL_SID_TOKENS, QWEN25_TOKENS, arch_config, host_environment, markdown_table, write_json
+
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
+DTYPE_BYTES |= {"f64": 8, "s64": 8, "u64": 8}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
+_COLLECTIVE = re.compile(rf"= (.*?) ({'|'.join(KINDS)})(?:-start)?\(")
+_WHILE = re.compile(r" while\(.*body=%([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CALLEES = re.compile(r"(?:calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)")
+_NAME = re.compile(r"%([\w.\-]+)")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_COMMENT = re.compile(r"/\*.*?\*/")
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str
+    bytes: int
+    """Per-device output bytes of one execution."""
+    runs: int
+    """Executions per run of the entry computation (product of the trip counts of the loops around it)."""
+    loops: int
+    """How many while loops it sits in."""
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of the array shapes in `text` (an HLO result type, tuples included)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += DTYPE_BYTES.get(dtype, 4) * n
+    return total
+
+
+def hlo_collectives(hlo: str) -> list[Collective]:
+    """Every collective reachable from the entry computation of an HLO module's text, with how often it runs."""
+    own: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    calls: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)  # callee, multiplier, is a loop body
+    entry, current = None, None
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = head.group(1)
+            entry = current if line.startswith("ENTRY") else entry
+            continue
+        if current is None:
+            continue
+        line = _COMMENT.sub("", line)
+        if m := _COLLECTIVE.search(line):
+            own[current].append((m.group(2), shape_bytes(m.group(1))))
+        if m := _WHILE.search(line):
+            trips = _TRIP_COUNT.search(line)
+            if trips is None:
+                raise ValueError(f"while loop without a known trip count: {line.strip()[:200]}")
+            calls[current].append((m.group(1), int(trips.group(1)), True))
+        else:
+            for group in _CALLEES.findall(line):
+                calls[current].extend((c, 1, False) for c in _NAME.findall(group))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    out: list[Collective] = []
+
+    def visit(name: str, runs: int, loops: int) -> None:
+        out.extend(Collective(kind, b, runs, loops) for kind, b in own.get(name, ()))
+        for callee, mult, is_loop in calls.get(name, ()):
+            visit(callee, runs * mult, loops + is_loop)
+
+    visit(entry, 1, 0)
+    return out
+
+
+def summarize(collectives: list[Collective]) -> dict[str, dict[str, float]]:
+    """Per part of the step (fwd_bwd: inside the micro-batch loop; update: outside it) and kind: executions and
+    GB per device per optimizer step."""
+    out: dict[str, dict[str, float]] = {}
+    for c in collectives:
+        part = "fwd_bwd" if c.loops else "update"
+        row = out.setdefault(f"{part}/{c.kind}", {"count": 0, "gb": 0.0})
+        row["count"] += c.runs
+        row["gb"] += c.runs * c.bytes / 1e9
+    return dict(sorted(out.items()))
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compile one configuration from abstract inputs and read its collectives."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sid.mesh import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings, state_shardings
+    from sid.models.qwen2 import Qwen2, pad_vocab
+    from sid.optim.config import OptimizerConfig
+    from sid.optim.schedule import make_schedule
+    from sid.train import sft_loss
+    from sid.trainer import TrainState, make_train_step
+
+    dp, fsdp, tp = spec["mesh"]
+    mesh = make_mesh(MeshConfig(dp=dp, fsdp=fsdp, tp=tp), jax.devices()[: dp * fsdp * tp])
+    cfg = arch_config(spec["arch"], vocab_size=spec["vocab"], remat="dots")
+    lr = make_schedule(1e-3, warmup_steps=0, total_steps=1, kind="constant", min_lr_ratio=1.0)
+    optimizer = OptimizerConfig(name=spec["optimizer"], ns_method=spec["ns_method"]).build(
+        learning_rate=lr, aux_learning_rate=lr, clip_norm=1.0
+    )
+    model = eqx.filter_eval_shape(lambda: pad_vocab(Qwen2.init(cfg, key=jax.random.key(0)), 128))
+    params, static = eqx.partition(model, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    opt_state = jax.eval_shape(optimizer.init, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharding = TrainState(
+        param_shardings(params, mesh), state_shardings(opt_state, params, mesh), replicated, replicated
+    )
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        TrainState(params, opt_state, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.uint32)),
+        sharding,
+    )
+    rows = spec["rows_per_device"] * data_parallel_size(mesh) * spec["accum"]
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, spec["seq"]), jnp.int32, sharding=batch_sharding(mesh))
+        for k in ("input_ids", "positions", "segment_ids", "targets")
+    }
+    step = make_train_step(
+        static, sft_loss, optimizer, accum=spec["accum"], mesh=mesh, state_sharding=sharding, lr_schedule=lr
+    )
+    t0 = time.perf_counter()
+    hlo = step.lower(state, batch).compile().as_text()
+    return {
+        **spec,
+        "mesh": "x".join(map(str, spec["mesh"])),
+        "compile_s": time.perf_counter() - t0,
+        "collectives": summarize(hlo_collectives(hlo)),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--out", default="runs/bench/step_collectives.json", help="JSON results path")
+    p.add_argument("--archs", type=csv, default=["1.5b"], help="architectures: 0.5b, 1.5b, tiny")
+    p.add_argument(
+        "--meshes",
+        type=lambda s: [tuple(int(n) for n in m.split("x")) for m in csv(s)],
+        default=[(1, 8, 1), (2, 2, 2)],
+        help="dp x fsdp x tp, comma-separated (e.g. 1x8x1 = the v6e-8 presets' fsdp8)",
+    )
+    p.add_argument("--optimizers", type=csv, default=["adamw", "muon_local"])
+    p.add_argument("--ns-method", default="auto", choices=["auto", "gram", "standard"])
+    p.add_argument("--seq", type=int, default=512, help="row length (the seed's max_len)")
+    p.add_argument("--rows-per-device", type=int, default=16, help="rows per device per micro-batch (the seed's)")
+    p.add_argument("--accum", type=int, default=8, help="micro-batches per step (the seed's)")
+    p.add_argument(
+        "--tiny", action="store_true", help="CPU smoke: tiny model on 1x2x1 and 1x1x2, seq 64, 2 rows, 2 micro-batches"
+    )
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.archs, args.meshes, args.seq, args.rows_per_device, args.accum = ["tiny"], [(1, 2, 1), (1, 1, 2)], 64, 2, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax  # after argument parsing: --help must not start a backend
+
+    results = []
+    for arch in args.archs:
+        vocab = 1000 if arch == "tiny" else QWEN25_TOKENS + INDUSTRIAL_SID_TOKENS
+        for mesh in args.meshes:
+            if mesh[0] * mesh[1] * mesh[2] > jax.device_count():
+                sys.exit(
+                    f"mesh {'x'.join(map(str, mesh))} needs more than the {jax.device_count()} devices here: run with "
+                    "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu"
+                )
+            for optimizer in args.optimizers:
+                spec = dict(
+                    arch=arch,
+                    mesh=mesh,
+                    optimizer=optimizer,
+                    ns_method=args.ns_method,
+                    vocab=vocab,
+                    seq=args.seq,
+                    rows_per_device=args.rows_per_device,
+                    accum=args.accum,
+                )
+                results.append(measure(spec))
+                print(f"{arch} {results[-1]['mesh']} {optimizer}: compiled in {results[-1]['compile_s']:.1f} s")
+    rows = [
+        {"arch": r["arch"], "mesh": r["mesh"], "optimizer": r["optimizer"], "part/kind": k, **v}
+        for r in results
+        for k, v in r["collectives"].items()
+    ]
+    print(markdown_table(rows, {"arch": "arch", "mesh": "mesh", "optimizer": "optimizer", "part/kind": "collective",
+                                "count": "per step", "gb": "GB per device per step"}))  # fmt: skip
+    write_json(args.out, {"benchmark": "step_collectives", "environment": host_environment(), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
