@@ -42,6 +42,11 @@ def arch_config(arch: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**ARCHS[arch], rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, **overrides)
 
 
+def arch_vocab(arch: str) -> int:
+    """Valid tokens of a benchmarked model: Qwen2.5's vocab plus Industrial's SID tokens (1000 for `tiny`)."""
+    return 1000 if arch == "tiny" else QWEN25_TOKENS + INDUSTRIAL_SID_TOKENS
+
+
 def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
     """`transformers.Qwen2Config` of the same architecture with `vocab_rows` embedding rows."""
     import transformers

@@ -26,7 +26,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from common import INDUSTRIAL_SID_TOKENS, QWEN25_TOKENS, arch_config, host_environment, markdown_table, write_json
+from common import arch_config, arch_vocab, host_environment, markdown_table, write_json
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for arch in args.archs:
-        vocab = 1000 if arch == "tiny" else QWEN25_TOKENS + INDUSTRIAL_SID_TOKENS
+        vocab = arch_vocab(arch)
         for mesh in args.meshes:
             if mesh[0] * mesh[1] * mesh[2] > jax.device_count():
                 sys.exit(

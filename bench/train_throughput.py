@@ -26,9 +26,8 @@ from typing import Any
 
 import numpy as np
 from common import (
-    INDUSTRIAL_SID_TOKENS,
-    QWEN25_TOKENS,
     arch_config,
+    arch_vocab,
     cuda_available,
     hf_qwen2_config,
     host_environment,
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         args.torch = "on" if cuda_available() else "off"
     specs = []
     for arch in args.archs:
-        vocab = 1000 if arch == "tiny" else QWEN25_TOKENS + INDUSTRIAL_SID_TOKENS
+        vocab = arch_vocab(arch)
         for seq in args.seqs:
             rows = args.rows or max(args.tokens_per_step // seq, 1)
             base = dict(
