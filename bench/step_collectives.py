@@ -4,7 +4,8 @@ Compiles sid's train step (sid.trainer.make_train_step + sid.train.sft_loss) for
 (dp, fsdp, tp) mesh of simulated CPU devices, from abstract params (nothing is allocated, so 1.5B compiles on a
 laptop), and sums every collective's per-device output bytes, each weighted by how often it runs in one optimizer
 step (the trip counts of the layer and micro-batch loops around it). Reported per kind, split into the forward /
-backward (inside the micro-batch loop) and the optimizer update (outside it).
+backward (inside the micro-batch loop) and the optimizer update (outside it), with the bytes of params and
+optimizer state each device holds.
 
 The figures are the SPMD partitioner's decisions: which tensors cross devices, and how. Backends then rewrite the
 collectives (GPU and TPU turn an all-reduce followed by a slice into a reduce-scatter; the CPU backend keeps
@@ -119,7 +120,15 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from sid.mesh import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings, state_shardings
+    from sid.mesh import (
+        MeshConfig,
+        batch_sharding,
+        data_parallel_size,
+        device_bytes,
+        make_mesh,
+        param_shardings,
+        state_shardings,
+    )
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
@@ -159,6 +168,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         **spec,
         "mesh": "x".join(map(str, spec["mesh"])),
         "compile_s": time.perf_counter() - t0,
+        "params_gib_per_device": device_bytes(state.params, sharding.params) / 2**30,
+        "opt_state_gib_per_device": device_bytes(state.opt_state, sharding.opt_state) / 2**30,
         "collectives": summarize(hlo_collectives(hlo)),
     }
 
@@ -213,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                     accum=args.accum,
                 )
                 results.append(measure(spec))
-                print(f"{arch} {results[-1]['mesh']} {optimizer}: compiled in {results[-1]['compile_s']:.1f} s")
+                r = results[-1]
+                print(
+                    f"{arch} {r['mesh']} {optimizer}: compiled in {r['compile_s']:.1f} s; per device: params "
+                    f"{r['params_gib_per_device']:.3f} GiB, optimizer state {r['opt_state_gib_per_device']:.3f} GiB"
+                )
     rows = [
         {"arch": r["arch"], "mesh": r["mesh"], "optimizer": r["optimizer"], "part/kind": k, **v}
         for r in results

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sid.config import ConfigError
+from sid.tables import text_table
 
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")
@@ -261,6 +262,40 @@ def state_shardings(state, params, mesh: Mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(one, state)
+
+
+def sharding_table(params, param_sharding, opt_state, opt_sharding) -> str:
+    """A printable table of where every param lives (its split, and the shard one device holds), and one line of
+    what a device holds in all: the params' and the optimizer state's shard bytes (what sizes a mesh for a model)."""
+    rows = []
+    param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), sharding in zip(param_leaves, jax.tree.leaves(param_sharding), strict=True):
+        shard = sharding.shard_shape(tuple(leaf.shape))
+        rows.append((".".join(_names(path)), str(tuple(leaf.shape)), _spec_str(sharding.spec), str(tuple(shard))))
+    total = (
+        f"per device: params {_size(device_bytes(params, param_sharding))} + optimizer state "
+        f"{_size(device_bytes(opt_state, opt_sharding))}"
+    )
+    return text_table(("param", "shape", "split", "per device"), rows) + "\n" + total
+
+
+def device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of the arrays (or shape structs) of `tree`, split by the matching `shardings`."""
+    leaves = jax.tree.leaves(tree)
+    return sum(
+        int(np.prod(s.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
+        for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True)
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _spec_str(spec: PartitionSpec) -> str:
+    """A spec as its dims, e.g. `(-, tp, fsdp)` (`-`: whole; `tp+fsdp`: split over both)."""
+    dims = ["-" if d is None else "+".join(d) if isinstance(d, tuple) else d for d in spec]
+    return "(" + ", ".join(dims) + ")" if dims else "()"
 
 
 def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

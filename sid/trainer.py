@@ -22,7 +22,7 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError
-from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, state_shardings, traced_on
+from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, sharding_table, state_shardings, traced_on
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
@@ -268,6 +268,11 @@ def fit(
     """
     accum = cfg.grad_accum_steps
     state, static, sharding = init_state(model, optimizer, seed=cfg.seed, mesh=mesh)
+    log.info(
+        "params over mesh %s:\n%s",
+        dict(mesh.shape),
+        sharding_table(state.params, sharding.params, state.opt_state, sharding.opt_state),
+    )
     require_shared_directory(run.path)
     ckpt = Checkpointer(run.path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
     start = 0

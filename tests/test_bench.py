@@ -58,13 +58,20 @@ def test_help_runs():
         assert proc.returncode == 0 and "--out" in proc.stdout and "--tiny" in proc.stdout, proc.stderr
 
 
-def tiny_flops_per_token(seq: int) -> float:
-    """6 x matmul params (tied head counted once as the embedding) + 12 x layers x heads x head_dim x seq."""
-    d, f, layers, heads, kv, rows = 64, 172, 2, 4, 2, 1024
+TINY = dict(d=64, f=172, layers=2, heads=4, kv=2, rows=1024)  # bench/common.py's tiny arch, vocab padded to 1024
+
+
+def tiny_params() -> int:
+    """Params of the tiny Qwen2 (tied head counted once as the embedding)."""
+    d, f, layers, heads, kv, rows = TINY.values()
     hd = d // heads
     per_layer = (d * heads * hd + heads * hd) + 2 * (d * kv * hd + kv * hd) + heads * hd * d + 3 * d * f + 2 * d
-    params = rows * d + layers * per_layer + d
-    return 6.0 * params + 12.0 * layers * heads * hd * seq
+    return rows * d + layers * per_layer + d
+
+
+def tiny_flops_per_token(seq: int) -> float:
+    """6 x matmul params + 12 x layers x heads x head_dim x seq."""
+    return 6.0 * tiny_params() + 12.0 * TINY["layers"] * TINY["d"] * seq
 
 
 def test_train_throughput(results):
@@ -204,6 +211,9 @@ def test_step_collectives(results):
         if optimizer == "muon_local":  # whole matrices per device: two all-to-alls per stack, no gathered Grams
             assert "update/all-to-all" in parts
             assert parts.get("update/all-gather", {"gb": 0})["gb"] < 1e-6
+    for r in record["results"]:  # the tiny model split two ways: half its f32 params per device
+        assert r["params_gib_per_device"] * 2**30 == pytest.approx(4 * tiny_params() / 2, rel=0.02)
+        assert r["opt_state_gib_per_device"] > r["params_gib_per_device"]
     assert "| tiny | 1x2x1 | muon_local | update/all-to-all |" in stdout
 
 

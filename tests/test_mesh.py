@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sid.mesh import MeshConfig, make_mesh, param_shardings
+from sid.mesh import MeshConfig, device_bytes, make_mesh, param_shardings, sharding_table
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
@@ -59,6 +59,28 @@ def test_qwen2_param_specs_dp2_fsdp2_tp2():
         ".layers.mlp.down_proj.weight": row,
     }
     assert specs(Qwen2.init(QWEN, key=jax.random.key(0)), MeshConfig(dp=2, fsdp=2, tp=2)) == expected
+
+
+def test_sharding_table_and_bytes_per_device():
+    mesh = make_mesh(MeshConfig(dp=2, fsdp=2, tp=2))
+    opt = optax.adamw(1e-3)
+    state, _, sharding = init_state(Qwen2.init(QWEN, key=jax.random.key(0)), opt, seed=0, mesh=mesh)
+    # Per device, by hand from the specs above (f32): embed and lm_head 256x64/4 each, final_norm 64/2; per layer
+    # norms 2 x 64/2, q and o 64x64/4, k and v 32x64/4, biases 64/2 + 2 x 32/2, gate/up/down 128x64/4.
+    per_layer = 2 * 32 + 2 * 1024 + 2 * 512 + 32 + 2 * 16 + 3 * 2048
+    params = 4 * (2 * 4096 + 32 + 2 * per_layer)
+    assert device_bytes(state.params, sharding.params) == params == 107_648
+    # AdamW: two moments split like the params, plus its replicated int32 step count.
+    assert device_bytes(state.opt_state, sharding.opt_state) == 2 * params + 4
+    table = sharding_table(state.params, sharding.params, state.opt_state, sharding.opt_state).splitlines()
+    cells = [re.split(r"\s{2,}", line) for line in table]
+    assert cells[0] == ["param", "shape", "split", "per device"]
+    rows = {c[0]: c[1:] for c in cells[2:-1]}
+    assert len(rows) == len(jax.tree.leaves(state.params))
+    assert rows["embed.weight"] == ["(256, 64)", "(tp+fsdp, -)", "(64, 64)"]
+    assert rows["layers.mlp.down_proj.weight"] == ["(2, 64, 128)", "(-, fsdp, tp)", "(2, 32, 64)"]
+    assert rows["final_norm.weight"] == ["(64,)", "(fsdp)", "(32,)"]
+    assert table[-1] == "per device: params 0.10 MiB + optimizer state 0.21 MiB"
 
 
 def test_qwen2_param_specs_fsdp8():

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
+from sid.tables import text_table
+
 MUON = "muon"
 ADAMW = "adamw"
 
@@ -70,7 +72,7 @@ def routing_table(params: Any, *, optimizer: Literal["adamw", "muon_local", "muo
     matrices take Muon at ``lr`` and the rest AdamW at ``aux_lr``. The last line counts parameters per group.
     """
     muon = optimizer != "adamw"
-    rows = [("param", "shape", "group", "lr group", "decay")]
+    rows = []
     counts: dict[str, int] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         hidden = muon and _is_hidden_matrix(path, leaf)
@@ -80,8 +82,5 @@ def routing_table(params: Any, *, optimizer: Literal["adamw", "muon_local", "muo
             (path_str(path), str(tuple(np.shape(leaf))), group, lr_group, "yes" if _is_matrix(path, leaf) else "no")
         )
         counts[group] = counts.get(group, 0) + int(np.size(leaf))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(", ".join(f"{g}: {n:,} params" for g, n in sorted(counts.items())))
-    return "\n".join(lines)
+    table = text_table(("param", "shape", "group", "lr group", "decay"), rows)
+    return table + "\n" + ", ".join(f"{g}: {n:,} params" for g, n in sorted(counts.items()))
