@@ -119,18 +119,21 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     Models call it on the residual stream at every layer, so the partitioner keeps activations split by batch and
     gathers the fsdp-sharded weights, instead of sharding some activations by feature (which forces full
     rematerializations where the two layouts meet, e.g. at RoPE)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    if _traced_mesh() is None:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
 
+def _traced_mesh():
+    """The abstract mesh being traced under (`traced_on`), or None outside one (or one without sid's axes)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or not set(AXES) <= set(mesh.axis_names) else mesh
+
+
 def param_split() -> int:
     """How many ways the params are split (fsdp x tp) under the current abstract mesh; 1 outside one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
-        return 1
-    return mesh.shape["fsdp"] * mesh.shape["tp"]
+    mesh = _traced_mesh()
+    return 1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tp"]
 
 
 def split_leading(x: jax.Array) -> jax.Array:
@@ -165,8 +168,8 @@ def constrain_table(table: jax.Array) -> jax.Array:
     fsdp's split: that is gathered here, like any FSDP weight, because a lookup in a feature-split table comes
     out feature-split, and XLA can turn that into the residual stream's batch split only by rematerialising the
     whole activation."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+    mesh = _traced_mesh()
+    if mesh is None:
         return table
     rows = _table_rows(table.shape[0], mesh.shape["tp"], mesh.shape["fsdp"])
     return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, *[None] * (table.ndim - 1)))
