@@ -100,6 +100,20 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(dp, fsdp, tp), AXES)
 
 
+def tp_head_warning(tp: int, **heads: int) -> str | None:
+    """Why this tp would split attention heads, or None. tp splits q/k/v on their output dim, which stays on head
+    boundaries only when tp divides every head count; otherwise each layer's attention re-lays out q/k/v between
+    devices (all-to-alls / collective-permutes; the step is still exact, only slower)."""
+    split = {name: n for name, n in heads.items() if n % tp}
+    if tp == 1 or not split:
+        return None
+    counts = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in split.items())
+    return (
+        f"mesh.tp={tp} does not divide the model's {counts}: tp will split heads, and every layer's attention "
+        "will move q/k/v between devices; use a tp that divides every head count (or more fsdp instead)"
+    )
+
+
 def traced_on(mesh: Mesh, fn: Callable[_Args, _Out]) -> Callable[_Args, _Out]:
     """`fn`, traced under `mesh`'s abstract mesh so the models' `constrain_batch` calls take effect. Every jitted
     function that runs a model over a mesh (train step, held-out loss, beam search) is wrapped in this."""

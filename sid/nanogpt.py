@@ -19,7 +19,7 @@ from sid.config import run_cli
 from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, traced_on
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, tp_head_warning, traced_on
 from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
@@ -110,6 +110,8 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
     gcfg = dataclasses.replace(job.model, vocab_size=job.model.vocab_size or data.codec.vocab_size)
     model = GPT.init(gcfg, key=jax.random.key(gcfg.seed))
     log.info("nanoGPT: %.2fM parameters (excluding position embeddings)", model.num_params() / 1e6)
+    if warning := tp_head_warning(mesh.shape["tp"], heads=gcfg.n_head):
+        log.warning(warning)
     rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
     steps = job.train.max_steps or int(job.train.epochs * len(data.splits["train"]) / (rows * gcfg.block_size))
     batches = CharBatchIterator(

@@ -23,7 +23,7 @@ from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, traced_on
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning, traced_on
 from sid.models.build import build_model, flops_per_token, num_params, token_extension
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
@@ -113,6 +113,8 @@ def run_train(job: TrainJob) -> dict:
         tok.base_vocab_size,
         tok.vocab_size - tok.base_vocab_size,
     )
+    if warning := tp_head_warning(mesh.shape["tp"], heads=model.config.num_heads, kv_heads=model.config.num_kv_heads):
+        log.warning(warning)
     run.update(
         token_extension=token_extension(tok),
         vocab_resize=vocab_resize,

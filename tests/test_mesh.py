@@ -12,7 +12,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from sid.mesh import MeshConfig, device_bytes, make_mesh, param_shardings, sharding_table
+from sid.mesh import MeshConfig, device_bytes, make_mesh, param_shardings, sharding_table, tp_head_warning
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
@@ -203,3 +203,17 @@ def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
     assert outside_loops(sharded[2], "all-to-all")
     matrices = [c for c in outside_loops(sharded[2], "all-reduce") if re.search(r"\[\d+,\d+,\d+\]", c)]
     assert matrices == []
+
+
+def test_tp_that_splits_heads_is_exact_but_warned_about():
+    # The tiny Qwen2 has 4 heads and 2 KV heads: tp=4 splits each KV head across two devices.
+    assert tp_head_warning(2, heads=4, kv_heads=2) is None
+    assert tp_head_warning(1, heads=3) is None
+    warning = tp_head_warning(4, heads=4, kv_heads=2)
+    assert warning.startswith("mesh.tp=4 does not divide the model's 2 kv heads:")
+    single = single_device_step("qwen2")
+    sharded = step_on(MeshConfig(dp=1, fsdp=2, tp=4), jax.devices(), "qwen2")
+    for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # What the warning is about: attention re-lays out k/v (tp=2, which divides both counts, has none: above).
+    assert re.findall(r"= \S+ (all-to-all|collective-permute)(?:-start)?\(", sharded[2])
