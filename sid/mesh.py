@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sid.config import ConfigError
+from sid.optim.routing import path_str
 from sid.tables import text_table
 
 AXES = ("dp", "fsdp", "tp")
@@ -105,7 +106,7 @@ def tp_head_warning(tp: int, **heads: int) -> str | None:
     boundaries only when tp divides every head count; otherwise each layer's attention re-lays out q/k/v between
     devices (all-to-alls / collective-permutes; the step is still exact, only slower)."""
     split = {name: n for name, n in heads.items() if n % tp}
-    if tp == 1 or not split:
+    if not split:
         return None
     counts = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in split.items())
     return (
@@ -288,7 +289,7 @@ def sharding_table(params, param_sharding, opt_state, opt_sharding) -> str:
     param_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for (path, leaf), sharding in zip(param_leaves, jax.tree.leaves(param_sharding), strict=True):
         shard = sharding.shard_shape(tuple(leaf.shape))
-        rows.append((".".join(_names(path)), str(tuple(leaf.shape)), _spec_str(sharding.spec), str(tuple(shard))))
+        rows.append((path_str(path), str(tuple(leaf.shape)), _spec_str(sharding.spec), str(tuple(shard))))
     total = (
         f"per device: params {_size(device_bytes(params, param_sharding))} + optimizer state "
         f"{_size(device_bytes(opt_state, opt_sharding))}"

@@ -12,6 +12,7 @@ i.e. length_penalty 0. Ties break deterministically: lower beam index, then lowe
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -108,12 +109,8 @@ def sharded_beam_search(mesh: Mesh, model: Qwen2, *, num_beams: int):
     way, as the trainer and checkpoint restore do), the trie replicated. ``model`` only supplies the tree structure.
     """
     batch = batch_sharding(mesh)
-
-    def search(model, trie, input_ids, mask):
-        return beam_search(model, trie, input_ids, mask, num_beams=num_beams)
-
     return jax.jit(
-        traced_on(mesh, search),
+        traced_on(mesh, functools.partial(beam_search, num_beams=num_beams)),
         in_shardings=(param_shardings(model, mesh), NamedSharding(mesh, PartitionSpec()), batch, batch),
         out_shardings=batch,
     )

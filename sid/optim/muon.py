@@ -170,11 +170,12 @@ def orthogonalize(
     dtype) is re-split by layer, with an all-to-all per mesh axis and the layer count padded with zero matrices
     (whose NS is zero) to a multiple of the devices. Each device iterates on its own layers, and the same
     all-to-alls in reverse restore the param's split. The iteration per matrix is the same either way."""
+    x = _normalized(u, dtype)
     split = param_split()
     if split == 1 or u.ndim < 3:
-        return newton_schulz(u, steps=steps, dtype=dtype, method=method)
+        return _iterate(x, steps=steps, method=method)
     layers = u.shape[0]
-    x = jnp.pad(_normalized(u, dtype), ((0, -layers % split),) + ((0, 0),) * (u.ndim - 1))
+    x = jnp.pad(x, ((0, -layers % split),) + ((0, 0),) * (u.ndim - 1))
     return unsplit_leading(_iterate(split_leading(x), steps=steps, method=method))[:layers]
 
 
