@@ -135,6 +135,10 @@ def muon(method: str):
     return cfg.build(learning_rate=lr, aux_learning_rate=1e-7, clip_norm=0.0), lr
 
 
+MUON = {method: functools.partial(muon, method) for method in ("standard", "gram")}
+"""One factory per method, so `single_device_step`'s cache sees the same optimizer twice."""
+
+
 @functools.cache
 def single_device_step(case: str, optimizer=sgd):
     return step_on(MeshConfig(), jax.devices()[:1], case, optimizer)
@@ -153,6 +157,17 @@ def step_on(mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd):
     return jax.device_get(metrics), jax.device_get(new_state.params), compiled.as_text()
 
 
+def collectives(hlo: str, ops: str, *, outside_loops: bool = False) -> list[str]:
+    """ "kind result-shape" of each collective `ops` (regex alternation) in compiled HLO text; tuple-shaped results
+    count too. outside_loops: only those not inside the micro-batch loop (the optimizer's)."""
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(rf"= (.*?) ({ops})(?:-start)?\(", line)
+        if m and not (outside_loops and "while/body" in line):
+            found.append(f"{m.group(2)} {m.group(1)[:60]}")
+    return found
+
+
 MESHES = {"fsdp8": MeshConfig(), "dp2_fsdp4": MeshConfig(dp=2, fsdp=4), "dp2_fsdp2_tp2": MeshConfig(dp=2, fsdp=2, tp=2)}
 
 
@@ -169,7 +184,7 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
     # mesh by sid.mesh.traced_on): before, the partitioner split some of them by feature, re-laid them out with
     # all-to-alls and collective-permutes (fsdp8), and replicated them whole where tp met fsdp.
     assert REMAT_WARNING not in capfd.readouterr().err
-    relayouts = re.findall(r"= \S+ (all-to-all|collective-permute)(?:-start)?\(", sharded[2])
+    relayouts = collectives(sharded[2], "all-to-all|collective-permute")
     if case == "nanogpt" and MESHES[mesh_name].tp > 1:
         # Except GPT-2's fused c_attn under tp: its output splits as q|k|v, which straddles the tp shards.
         assert relayouts
@@ -177,31 +192,21 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
         assert relayouts == []
 
 
-def outside_loops(hlo: str, ops: str) -> list[str]:
-    """Collectives `ops` (regex alternation) of the compiled step that are not inside the micro-batch loop: the
-    optimizer's."""
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(rf"= (.*?) ({ops})(?:-start)?\(", line)
-        if m and "while/body" not in line:
-            found.append(f"{m.group(2)} {m.group(1)[:60]}")
-    return found
-
-
 @pytest.mark.parametrize("method", ["standard", "gram"])
 @pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp2_tp2"])
 def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
-    single = single_device_step("qwen2", functools.partial(muon, method))
-    sharded = step_on(MESHES[mesh_name], jax.devices(), "qwen2", functools.partial(muon, method))
+    single = single_device_step("qwen2", MUON[method])
+    sharded = step_on(MESHES[mesh_name], jax.devices(), "qwen2", MUON[method])
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (sid.optim.muon.orthogonalize):
     # no Newton–Schulz step all-gathers or all-reduces partial Gram matrices any more, as it did (standard form,
     # fsdp8: 30 all-gathers and 25 matrix all-reduces; dp2 x fsdp2 x tp2: 35, 89 and 105 collective-permutes).
     # What is left is the all-to-alls and the scalar norms' reductions.
-    assert outside_loops(sharded[2], "all-gather") == []
-    assert outside_loops(sharded[2], "all-to-all")
-    matrices = [c for c in outside_loops(sharded[2], "all-reduce") if re.search(r"\[\d+,\d+,\d+\]", c)]
+    assert collectives(sharded[2], "all-gather", outside_loops=True) == []
+    assert collectives(sharded[2], "all-to-all", outside_loops=True)
+    reduces = collectives(sharded[2], "all-reduce", outside_loops=True)
+    matrices = [c for c in reduces if re.search(r"\[\d+,\d+,\d+\]", c)]
     assert matrices == []
 
 
@@ -216,4 +221,4 @@ def test_tp_that_splits_heads_is_exact_but_warned_about():
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     # What the warning is about: attention re-lays out k/v (tp=2, which divides both counts, has none: above).
-    assert re.findall(r"= \S+ (all-to-all|collective-permute)(?:-start)?\(", sharded[2])
+    assert collectives(sharded[2], "all-to-all|collective-permute")
