@@ -163,13 +163,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         static, sft_loss, optimizer, accum=spec["accum"], mesh=mesh, state_sharding=sharding, lr_schedule=lr
     )
     t0 = time.perf_counter()
-    hlo = step.lower(state, batch).compile().as_text()
+    compiled = step.lower(state, batch).compile()
+    hlo = compiled.as_text()
     return {
         **spec,
         "mesh": "x".join(map(str, spec["mesh"])),
         "compile_s": time.perf_counter() - t0,
         "params_gib_per_device": device_bytes(state.params, sharding.params) / 2**30,
         "opt_state_gib_per_device": device_bytes(state.opt_state, sharding.opt_state) / 2**30,
+        # XLA's buffer assignment on this backend: activations, gathered weights, the gradient accumulator.
+        "temp_gib_per_device": compiled.memory_analysis().temp_size_in_bytes / 2**30,
         "collectives": summarize(hlo_collectives(hlo)),
     }
 
@@ -227,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = results[-1]
                 print(
                     f"{arch} {r['mesh']} {optimizer}: compiled in {r['compile_s']:.1f} s; per device: params "
-                    f"{r['params_gib_per_device']:.3f} GiB, optimizer state {r['opt_state_gib_per_device']:.3f} GiB"
+                    f"{r['params_gib_per_device']:.3f} GiB, optimizer state {r['opt_state_gib_per_device']:.3f} GiB, "
+                    f"temporaries {r['temp_gib_per_device']:.3f} GiB"
                 )
     rows = [
         {"arch": r["arch"], "mesh": r["mesh"], "optimizer": r["optimizer"], "part/kind": k, **v}

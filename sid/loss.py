@@ -99,16 +99,19 @@ def cross_entropy_sum(
 
 def _nll(logits: Float[Array, "c v"], targets: Int[Array, " c"]) -> tuple[Float[Array, ""], Float[Array, " c"]]:
     """Summed -log p(target) over targets >= 0, and each row's logsumexp."""
-    lse = _logsumexp_one_pass(logits)
-    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+    lse, picked = _logsumexp_and_pick(logits, targets)
     return jnp.where(targets >= 0, lse - picked, 0.0).sum(), lse
 
 
-def _logsumexp_one_pass(x: Float[Array, "c v"]) -> Float[Array, " c"]:
-    """Row-wise logsumexp in one read of `x` (an online max and rescaled sum, as in flash attention).
+def _logsumexp_and_pick(x: Float[Array, "c v"], targets: Int[Array, " c"]) -> tuple[Array, Array]:
+    """Row-wise logsumexp, and `x[row, target]`: 0 where the target is negative (ignored), NaN where it is past the
+    last column (bad targets stop training instead of passing silently).
 
-    `jax.nn.logsumexp` reads the f32 logits twice (max, then the sum of exponentials); at 4,096 tokens × Qwen's
-    vocab each read is 2.5 GB, so the second pass is a measurable part of the loss. Rows of all -inf give -inf."""
+    The logsumexp reads `x` once (an online max and rescaled sum, as in flash attention): `jax.nn.logsumexp` reads
+    the f32 logits twice, and at 4,096 tokens × Qwen's vocab each read is 2.5 GB. The target's logit is a masked
+    sum over the same rows (a sibling reduction XLA can fuse with it), not a gather: under a mesh the logits are
+    split over the vocab (the head's rows are sharded), and XLA re-laid them out between devices for the gather.
+    Rows of all -inf give -inf."""
 
     def combine(a, b):
         (ma, sa), (mb, sb) = a, b
@@ -121,7 +124,8 @@ def _logsumexp_one_pass(x: Float[Array, "c v"]) -> Float[Array, " c"]:
 
         return m, sa * scale(ma) + sb * scale(mb)
 
-    ones = jnp.ones_like(x)
-    neg_inf = jnp.array(-jnp.inf, x.dtype)
-    m, s = jax.lax.reduce((x, ones), (neg_inf, jnp.array(0.0, x.dtype)), combine, (x.ndim - 1,))
-    return m + jnp.log(s)
+    is_target = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == targets[..., None]
+    zero = jnp.array(0.0, x.dtype)
+    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), zero), combine, (x.ndim - 1,))
+    picked = jnp.where(is_target, x, zero).sum(-1)
+    return m + jnp.log(s), jnp.where(targets < x.shape[-1], picked, jnp.nan)

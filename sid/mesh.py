@@ -9,6 +9,8 @@ Optimizer-state leaves take the sharding of the param whose path they end with (
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -136,7 +138,22 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     rematerializations where the two layouts meet, e.g. at RoPE)."""
     if _traced_mesh() is None:
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(_BATCH_WITHIN.get()))
+
+
+_BATCH_WITHIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("batch_within", default=BATCH_AXES)
+"""The axes `constrain_batch` splits rows over: (dp, fsdp), or fsdp alone while tracing one dp replica's rows."""
+
+
+@contextlib.contextmanager
+def per_replica():
+    """Trace one dp replica's rows, under `jax.vmap(..., spmd_axis_name="dp")` over the replicas: the models' rows
+    split over fsdp alone, and the vmap puts the replica axis on dp."""
+    token = _BATCH_WITHIN.set(tuple(a for a in BATCH_AXES if a != "dp"))
+    try:
+        yield
+    finally:
+        _BATCH_WITHIN.reset(token)
 
 
 def _traced_mesh():

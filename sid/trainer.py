@@ -22,7 +22,15 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError
-from sid.mesh import BATCH_AXES, batch_sharding, param_shardings, sharding_table, state_shardings, traced_on
+from sid.mesh import (
+    batch_sharding,
+    constrain_batch,
+    param_shardings,
+    per_replica,
+    sharding_table,
+    state_shardings,
+    traced_on,
+)
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
@@ -77,30 +85,54 @@ def peak_flops_per_device() -> float | None:
 
 def _accumulate(static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh, param_sharding):
     """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32, the
-    accumulator sharded like the params so FSDP never holds a full copy)."""
+    accumulator sharded like the params so FSDP never holds a full copy).
+
+    With dp > 1 each replica accumulates its own rows' gradients and the replicas sum them once per step (one
+    all-reduce over dp), not once per micro-batch as a plain batch-split grad would: dp runs across hosts, where
+    that traffic is the slowest. Each replica then draws its own dropout masks (as in any data-parallel trainer),
+    so with dropout the losses depend on dp; without it, every mesh computes the same step."""
+    param_specs = jax.tree.map(lambda s: s.spec, param_sharding)
+    dp = mesh.shape["dp"]
+    if dp == 1:
+        g, l, n = _accumulate_rows(static, loss_fn, params, batch, key, accum, param_specs)
+    else:
+        # [dp * rows, ...] -> [dp, rows, ...]: each replica's rows are already on its devices (batch_sharding).
+        replica_rows = jax.tree.map(lambda x: x.reshape(dp, -1, *x.shape[1:]), batch)
+        with per_replica():
+            sums = jax.vmap(
+                lambda rows, k: _accumulate_rows(static, loss_fn, params, rows, k, accum, param_specs),
+                spmd_axis_name="dp",  # every sharding constraint inside splits the replica axis over dp
+            )(replica_rows, jax.random.split(key, dp))
+        with jax.named_scope("dp_gradient_sum"):
+            g, l, n = jax.tree.map(lambda x: x.sum(0), sums)
+    denom = jnp.maximum(n, 1).astype(jnp.float32)
+    return jax.tree.map(lambda x: x / denom, g), l / denom, n
+
+
+def _accumulate_rows(static, loss_fn: LossFn, params, batch, key, accum: int, param_specs):
+    """Sums over `accum` micro-batches of `batch`'s rows: (f32 gradients, token loss, supervised tokens)."""
 
     def micro(carry, xs):
         g_acc, l_acc, n_acc = carry
         mb, k = xs
-        mb = jax.lax.with_sharding_constraint(mb, NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+        mb = jax.tree.map(constrain_batch, mb)
 
         def f(p):
             return loss_fn(eqx.combine(p, static), mb, k)
 
         (l, n), g = jax.value_and_grad(f, has_aux=True)(params)
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        g_acc = jax.lax.with_sharding_constraint(g_acc, param_sharding)
+        g_acc = jax.lax.with_sharding_constraint(g_acc, param_specs)
         return (g_acc, l_acc + l, n_acc + n), None
 
     # Each device's contiguous rows hold all micro-batches, so splitting them needs no communication.
     micro_batches = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
     zeros = jax.lax.with_sharding_constraint(
-        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), param_sharding
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), param_specs
     )
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-    (g, l, n), _ = jax.lax.scan(micro, init, (micro_batches, jax.random.split(key, accum)))
-    denom = jnp.maximum(n, 1).astype(jnp.float32)
-    return jax.tree.map(lambda x: x / denom, g), l / denom, n
+    sums, _ = jax.lax.scan(micro, init, (micro_batches, jax.random.split(key, accum)))
+    return sums
 
 
 def make_train_step(

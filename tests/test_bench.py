@@ -214,6 +214,7 @@ def test_step_collectives(results):
     for r in record["results"]:  # the tiny model split two ways: half its f32 params per device
         assert r["params_gib_per_device"] * 2**30 == pytest.approx(4 * tiny_params() / 2, rel=0.02)
         assert r["opt_state_gib_per_device"] > r["params_gib_per_device"]
+        assert r["temp_gib_per_device"] >= r["params_gib_per_device"]  # it holds the f32 gradient accumulator
     assert "| tiny | 1x2x1 | muon_local | update/all-to-all |" in stdout
 
 

@@ -116,19 +116,24 @@ def test_chunked_cross_entropy_matches_dense():
     assert int(n) == mask.sum()
 
 
-def test_one_pass_logsumexp_matches_float64_reference_on_extreme_rows():
-    from sid.loss import _logsumexp_one_pass
+def test_one_pass_logsumexp_and_pick_match_float64_reference_on_extreme_rows():
+    from sid.loss import _logsumexp_and_pick
 
-    x = np.random.default_rng(2).normal(scale=30.0, size=(6, 1000))
+    x = np.random.default_rng(2).normal(scale=30.0, size=(7, 1000))
     x[1, :990] = -np.inf  # padded vocab rows: -inf logits
     x[2] = -np.inf  # a row with nothing to normalise: -inf, not nan
     x[3, 17] = 1e4  # one dominant logit: naive exp overflows
     x[4] -= 1e4  # every logit very negative: naive exp underflows to 0
     with np.errstate(divide="ignore"):
         ref = np.logaddexp.reduce(x, axis=-1)
-    got = np.asarray(jax.jit(_logsumexp_one_pass)(jnp.asarray(x, jnp.float32)))
+    targets = np.array([5, 995, 0, 17, 999, -100, 1000])  # -100 is ignored (picks 0); 1000 is bad data (NaN)
+    got, picked = jax.jit(_logsumexp_and_pick)(jnp.asarray(x, jnp.float32), jnp.asarray(targets))
+    got = np.asarray(got)
     assert got[2] == -np.inf
     np.testing.assert_allclose(got, ref, rtol=1e-6)
+    want = np.where(targets >= 0, x[np.arange(7), np.minimum(np.maximum(targets, 0), 999)], 0.0)
+    want[6] = np.nan
+    np.testing.assert_array_equal(np.asarray(picked), want.astype(np.float32))
 
 
 def test_chunk_size_is_the_largest_divisor_within_budget(monkeypatch):
