@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -168,23 +169,27 @@ def param_split() -> int:
     return 1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tp"]
 
 
-def split_leading(x: jax.Array) -> jax.Array:
-    """Under an abstract mesh, move the param split (fsdp, tp) to dim 0, whose size `param_split()` must divide, and
-    keep the other dims whole; else `x` as is. Muon uses it to hand each device whole matrices of a layer stack."""
-    if param_split() == 1:
+def split_by_layer(x: jax.Array) -> jax.Array:
+    """A layer stack ``[layers, ...]`` with whole matrices on each device: under an abstract mesh that splits params,
+    the stack is padded with zero layers to a multiple of `param_split()` and the split (fsdp, tp) moves to dim 0;
+    else `x` as is (also for leaves without a layer axis). Muon iterates on this layout, where no collective runs.
+    `unsplit_by_layer` is the way back."""
+    if param_split() == 1 or x.ndim < 3:
         return x
+    x = jnp.pad(x, ((0, -x.shape[0] % param_split()),) + ((0, 0),) * (x.ndim - 1))
     # One axis at a time: each step is then a plain all-to-all over that axis. Moving both in one constraint (e.g.
     # tp from the rows and fsdp from the columns) is a layout change XLA can only make by replicating the tensor.
     x = jax.lax.with_sharding_constraint(x, _leading("fsdp", x.ndim))
     return jax.lax.with_sharding_constraint(x, PartitionSpec(("fsdp", "tp")))
 
 
-def unsplit_leading(x: jax.Array) -> jax.Array:
-    """The way back from `split_leading`, one axis at a time: tp leaves dim 0 first, for the partitioner to place."""
-    if param_split() == 1:
+def unsplit_by_layer(x: jax.Array, layers: int) -> jax.Array:
+    """The way back from `split_by_layer` for a stack of `layers`: tp leaves dim 0 first, then fsdp, for the
+    partitioner to place as the param is split; the padding is dropped."""
+    if param_split() == 1 or x.ndim < 3:
         return x
     x = jax.lax.with_sharding_constraint(x, PartitionSpec(("fsdp", "tp")))
-    return jax.lax.with_sharding_constraint(x, _leading("fsdp", x.ndim))
+    return jax.lax.with_sharding_constraint(x, _leading("fsdp", x.ndim))[:layers]
 
 
 def _leading(axis: str, ndim: int) -> PartitionSpec:

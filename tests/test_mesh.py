@@ -129,14 +129,17 @@ def sgd():
 
 
 def muon(method: str):
-    """muon_local in float32 (so one device and eight agree to float noise); AdamW's aux rate is tiny for the
-    same sign(g) reason."""
+    """muon_local in float32 (so one device and eight agree to float noise), or muon_optax (method "optax", whose NS
+    is float32 anyway); AdamW's aux rate is tiny for the same sign(g) reason."""
     lr = optax.constant_schedule(1e-2)
-    cfg = OptimizerConfig(name="muon_local", ns_dtype="float32", ns_method=method)
+    if method == "optax":
+        cfg = OptimizerConfig(name="muon_optax")
+    else:
+        cfg = OptimizerConfig(name="muon_local", ns_dtype="float32", ns_method=method)
     return cfg.build(learning_rate=lr, aux_learning_rate=1e-7, clip_norm=0.0), lr
 
 
-MUON = {method: functools.partial(muon, method) for method in ("standard", "gram")}
+MUON = {method: functools.partial(muon, method) for method in ("standard", "gram", "optax")}
 """One factory per method, so `single_device_step`'s cache sees the same optimizer twice."""
 
 
@@ -199,16 +202,17 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
         assert relayouts == []
 
 
-@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("method", list(MUON))
 @pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp2_tp2"])
 def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
     single = single_device_step("qwen2", MUON[method])
     sharded = step_on(MESHES[mesh_name], jax.devices(), "qwen2", MUON[method])
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (sid.optim.muon.orthogonalize):
+    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (sid.mesh.split_by_layer):
     # no Newton–Schulz step all-gathers or all-reduces partial Gram matrices any more, as it did (standard form,
     # fsdp8: 30 all-gathers and 25 matrix all-reduces; dp2 x fsdp2 x tp2: 35, 89 and 105 collective-permutes).
+    # muon_optax runs optax's whole Muon branch on that layout (sid.optim.muon_optax.by_layer).
     # What is left is the all-to-alls and the scalar norms' reductions.
     # (With dp > 1 the replicas' gradient sum is the one matrix all-reduce outside the loop, before the update.)
     assert collectives(sharded[2], "all-gather", in_loops=False) == []

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
-from sid.mesh import param_split, split_leading, unsplit_leading
+from sid.mesh import split_by_layer, unsplit_by_layer
 from sid.optim.adamw import adamw
 from sid.optim.routing import ADAMW, MUON, label_params
 
@@ -170,13 +170,8 @@ def orthogonalize(
     dtype) is re-split by layer, with an all-to-all per mesh axis and the layer count padded with zero matrices
     (whose NS is zero) to a multiple of the devices. Each device iterates on its own layers, and the same
     all-to-alls in reverse restore the param's split. The iteration per matrix is the same either way."""
-    x = _normalized(u, dtype)
-    split = param_split()
-    if split == 1 or u.ndim < 3:
-        return _iterate(x, steps=steps, method=method)
-    layers = u.shape[0]
-    x = jnp.pad(x, ((0, -layers % split),) + ((0, 0),) * (u.ndim - 1))
-    return unsplit_leading(_iterate(split_leading(x), steps=steps, method=method))[:layers]
+    x = split_by_layer(_normalized(u, dtype))
+    return unsplit_by_layer(_iterate(x, steps=steps, method=method), u.shape[0])
 
 
 def shape_scale(shape: tuple[int, ...]) -> float:

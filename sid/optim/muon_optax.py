@@ -23,14 +23,20 @@ Differences from `muon_local` (as of optax 0.2.8, all tested in tests/test_optim
   coefficients (3.4445, -4.7750, 2.0315), same number of steps, same Frobenius normalisation, same
   transpose-the-tall-side trick (optax transposes to ``(in, out)`` first, which NS commutes with).
 - Same shape scale and the same decoupled weight decay ``-lr·wd·W`` on the hidden matrices.
+
+Over a mesh, optax's branch runs on layer stacks re-split by layer (:func:`sid.mesh.split_by_layer`, as
+`muon_local` does for its Newton–Schulz): optax's NS has no hook for the layout, and on the params' own split every
+NS step all-gathered and all-reduced partial Gram matrices (1.5B on dp2 x fsdp2 x tp2: 42.6 GB per device per step).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 import optax.contrib
 
+from sid.mesh import split_by_layer, unsplit_by_layer
 from sid.optim.adamw import adamw
 from sid.optim.routing import ADAMW, MUON, label_params
 
@@ -64,4 +70,34 @@ def muon(
         muon_weight_dimension_numbers=DIMENSION_NUMBERS,
     )
     aux_branch = adamw(aux_learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=aux_weight_decay)
-    return optax.partition({MUON: muon_branch, ADAMW: aux_branch}, label_params)
+    return optax.partition({MUON: by_layer(muon_branch), ADAMW: aux_branch}, label_params)
+
+
+def by_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` (optax's Muon) on whole matrices per device: its updates, params and momentum enter re-split by layer
+    (zero layers padded on, whose momentum, NS and decay stay zero) and leave split like the params again. Without
+    a mesh (or with one device) this is `inner` itself."""
+
+    def on_momentum(fn, state, like):
+        """`state` with each MuonState's momentum replaced by fn(momentum, the same momentum in `like`)."""
+        return jax.tree.map(
+            lambda s, o: s._replace(mu=fn(s.mu, o.mu)) if _is_muon_state(s) else s, state, like, is_leaf=_is_muon_state
+        )
+
+    def into(tree, _like=None):
+        return jax.tree.map(split_by_layer, tree)
+
+    def back(tree, like):
+        return jax.tree.map(lambda x, o: unsplit_by_layer(x, o.shape[0]), tree, like)
+
+    def update_fn(updates, state, params=None):
+        new_updates, new_state = inner.update(
+            into(updates), on_momentum(into, state, state), None if params is None else into(params)
+        )
+        return back(new_updates, updates), on_momentum(back, new_state, state)
+
+    return optax.GradientTransformation(inner.init, update_fn)
+
+
+def _is_muon_state(x) -> bool:
+    return isinstance(x, optax.contrib.MuonState)
