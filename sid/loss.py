@@ -107,14 +107,14 @@ def _logsumexp_and_pick(x: Float[Array, "c v"], targets: Int[Array, " c"]) -> tu
     """Row-wise logsumexp, and `x[row, target]`: 0 where the target is negative (ignored), NaN where it is past the
     last column (bad targets stop training instead of passing silently).
 
-    The logsumexp reads `x` once (an online max and rescaled sum, as in flash attention): `jax.nn.logsumexp` reads
-    the f32 logits twice, and at 4,096 tokens × Qwen's vocab each read is 2.5 GB. The target's logit is a masked
-    sum over the same rows (a sibling reduction XLA can fuse with it), not a gather: under a mesh the logits are
-    split over the vocab (the head's rows are sharded), and XLA re-laid them out between devices for the gather.
-    Rows of all -inf give -inf."""
+    One read of `x` gives both: a variadic reduce carries an online max and rescaled sum, as in flash attention,
+    and a masked sum for the target's logit. `jax.nn.logsumexp` reads the f32 logits twice, and at 4,096 tokens ×
+    Qwen's vocab each read is 2.5 GB; a separate masked sum would be another read (XLA did not fuse it with the
+    logsumexp). The pick is not a gather because, under a mesh, the logits are split over the vocab (the head's
+    rows are sharded), and XLA re-laid them out between devices for the gather. Rows of all -inf give -inf."""
 
     def combine(a, b):
-        (ma, sa), (mb, sb) = a, b
+        (ma, sa, pa), (mb, sb, pb) = a, b
         m = jnp.maximum(ma, mb)
         finite = m > -jnp.inf  # both -inf: exp(-inf - -inf) would be nan
         safe_m = jnp.where(finite, m, 0.0)
@@ -122,10 +122,10 @@ def _logsumexp_and_pick(x: Float[Array, "c v"], targets: Int[Array, " c"]) -> tu
         def scale(mx):
             return jnp.where(finite, jnp.exp(mx - safe_m), 0.0)
 
-        return m, sa * scale(ma) + sb * scale(mb)
+        return m, sa * scale(ma) + sb * scale(mb), pa + pb
 
     is_target = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1) == targets[..., None]
     zero = jnp.array(0.0, x.dtype)
-    m, s = jax.lax.reduce((x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), zero), combine, (x.ndim - 1,))
-    picked = jnp.where(is_target, x, zero).sum(-1)
+    operands = (x, jnp.ones_like(x), jnp.where(is_target, x, zero))
+    m, s, picked = jax.lax.reduce(operands, (jnp.array(-jnp.inf, x.dtype), zero, zero), combine, (x.ndim - 1,))
     return m + jnp.log(s), jnp.where(targets < x.shape[-1], picked, jnp.nan)

@@ -188,7 +188,8 @@ def test_cross_entropy_vjp_scales_by_the_cotangent_and_keeps_the_loss():
 
     plain = loss(h, w, 1.0)
     value, grads = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 1.0)
-    assert float(value) == float(plain)
+    # Equal up to the order XLA sums the tokens' losses in (the two paths fuse that sum differently): 1 ulp here.
+    np.testing.assert_allclose(float(value), float(plain), rtol=1e-6)
     scaled_value, scaled = jax.value_and_grad(loss, argnums=(0, 1))(h, w, 0.37)
     np.testing.assert_allclose(float(scaled_value), 0.37 * float(plain), rtol=1e-6)
     assert scaled[0].dtype == jnp.bfloat16 and scaled[1].dtype == jnp.float32
