@@ -130,9 +130,13 @@ def traced_on(mesh: Mesh, fn: Callable[_Args, _Out]) -> Callable[_Args, _Out]:
     return wrapped
 
 
+_BATCH_WITHIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("batch_within", default=BATCH_AXES)
+"""The axes `constrain_batch` splits rows over: (dp, fsdp), or fsdp alone while tracing one dp replica's rows."""
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """Shard dim 0 (the batch) over (dp, fsdp) and replicate the rest, when traced under the abstract mesh of a
-    mesh with those axes (`traced_on`); else `x` as is.
+    """Shard dim 0 (the batch) over (dp, fsdp), or fsdp alone inside `per_replica`, and replicate the rest, when
+    traced under the abstract mesh of a mesh with those axes (`traced_on`); else `x` as is.
 
     Models call it on the residual stream at every layer, so the partitioner keeps activations split by batch and
     gathers the fsdp-sharded weights, instead of sharding some activations by feature (which forces full
@@ -140,10 +144,6 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     if _traced_mesh() is None:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(_BATCH_WITHIN.get()))
-
-
-_BATCH_WITHIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("batch_within", default=BATCH_AXES)
-"""The axes `constrain_batch` splits rows over: (dp, fsdp), or fsdp alone while tracing one dp replica's rows."""
 
 
 @contextlib.contextmanager
@@ -174,9 +174,10 @@ def split_by_layer(x: jax.Array) -> jax.Array:
     the stack is padded with zero layers to a multiple of `param_split()` and the split (fsdp, tp) moves to dim 0;
     else `x` as is (also for leaves without a layer axis). Muon iterates on this layout, where no collective runs.
     `unsplit_by_layer` is the way back."""
-    if param_split() == 1 or x.ndim < 3:
+    split = param_split()
+    if split == 1 or x.ndim < 3:
         return x
-    x = jnp.pad(x, ((0, -x.shape[0] % param_split()),) + ((0, 0),) * (x.ndim - 1))
+    x = jnp.pad(x, ((0, -x.shape[0] % split),) + ((0, 0),) * (x.ndim - 1))
     # One axis at a time: each step is then a plain all-to-all over that axis. Moving both in one constraint (e.g.
     # tp from the rows and fsdp from the columns) is a layout change XLA can only make by replicating the tensor.
     x = jax.lax.with_sharding_constraint(x, _leading("fsdp", x.ndim))

@@ -78,23 +78,26 @@ def by_layer(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     (zero layers padded on, whose momentum, NS and decay stay zero) and leave split like the params again. Without
     a mesh (or with one device) this is `inner` itself."""
 
-    def on_momentum(fn, state, like):
-        """`state` with each MuonState's momentum replaced by fn(momentum, the same momentum in `like`)."""
-        return jax.tree.map(
-            lambda s, o: s._replace(mu=fn(s.mu, o.mu)) if _is_muon_state(s) else s, state, like, is_leaf=_is_muon_state
-        )
-
-    def into(tree, _like=None):
+    def into(tree):
         return jax.tree.map(split_by_layer, tree)
 
     def back(tree, like):
         return jax.tree.map(lambda x, o: unsplit_by_layer(x, o.shape[0]), tree, like)
 
-    def update_fn(updates, state, params=None):
-        new_updates, new_state = inner.update(
-            into(updates), on_momentum(into, state, state), None if params is None else into(params)
+    def with_momentum(state, momentum_of, old_state):
+        """`state` with each MuonState's momentum `mu` replaced by `momentum_of(mu, that MuonState's mu in
+        old_state)` (old_state has the same structure: the layer counts to restore come from it)."""
+        return jax.tree.map(
+            lambda s, o: s._replace(mu=momentum_of(s.mu, o.mu)) if _is_muon_state(s) else s,
+            state,
+            old_state,
+            is_leaf=_is_muon_state,
         )
-        return back(new_updates, updates), on_momentum(back, new_state, state)
+
+    def update_fn(updates, state, params=None):
+        split_state = with_momentum(state, lambda mu, _: into(mu), state)
+        new_updates, new_state = inner.update(into(updates), split_state, None if params is None else into(params))
+        return back(new_updates, updates), with_momentum(new_state, back, state)
 
     return optax.GradientTransformation(inner.init, update_fn)
 
