@@ -1,4 +1,4 @@
-"""What a sharded train step sends between devices, read from its compiled HLO: no accelerator needed.
+"""What a sharded train step sends between devices, read from its HLO: no accelerator needed.
 
 Compiles sid's train step (sid.trainer.make_train_step + sid.train.sft_loss) for the Qwen2.5 architectures on a
 (dp, fsdp, tp) mesh of simulated CPU devices, from abstract params (nothing is allocated, so 1.5B compiles on a
@@ -7,10 +7,11 @@ step (the trip counts of the layer and micro-batch loops around it). Reported pe
 backward (inside the micro-batch loop) and the optimizer update (outside it), with the bytes of params and
 optimizer state each device holds.
 
-The figures are the SPMD partitioner's decisions: which tensors cross devices, and how. Backends then rewrite the
-collectives (GPU and TPU turn an all-reduce followed by a slice into a reduce-scatter; the CPU backend keeps
-bfloat16 out of some ops, so some payloads read as float32 here), so treat them as a layout check and an upper
-bound, not a bandwidth measurement.
+The HLO read is the SPMD partitioner's output (`sid.mesh.partitioned_hlo`): which tensors cross devices, how, and in
+which dtype, before any backend rewrites them. (The CPU backend's own compiled HLO would report bfloat16 payloads as
+float32.) Backends then rewrite the collectives (GPU and TPU turn an all-reduce followed by a slice into a
+reduce-scatter, and combine small ones), so treat the figures as a layout check and an upper bound, not a bandwidth
+measurement.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python bench/step_collectives.py --archs 1.5b --meshes 1x8x1,2x2x2 --out runs/bench/step_collectives.json
@@ -35,6 +36,8 @@ DTYPE_BYTES |= {"f64": 8, "s64": 8, "u64": 8}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
 _COLLECTIVE = re.compile(rf"= (.*?) ({'|'.join(KINDS)})(?:-start)?\(")
 _WHILE = re.compile(r" while\(.*body=%([\w.\-]+)")
+_CONDITION = re.compile(r"condition=%([\w.\-]+)")
+_INT_CONSTANT = re.compile(r"= s32\[\] constant\((\d+)\)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _CALLEES = re.compile(r"(?:calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)")
 _NAME = re.compile(r"%([\w.\-]+)")
@@ -66,39 +69,45 @@ def shape_bytes(text: str) -> int:
 
 def hlo_collectives(hlo: str) -> list[Collective]:
     """Every collective reachable from the entry computation of an HLO module's text, with how often it runs."""
-    own: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    calls: dict[str, list[tuple[str, int, bool]]] = defaultdict(list)  # callee, multiplier, is a loop body
+    bodies: dict[str, list[str]] = defaultdict(list)
     entry, current = None, None
     for line in hlo.splitlines():
         head = _COMPUTATION.match(line)
         if head:
             current = head.group(1)
             entry = current if line.startswith("ENTRY") else entry
-            continue
-        if current is None:
-            continue
-        line = _COMMENT.sub("", line)
-        if m := _COLLECTIVE.search(line):
-            own[current].append((m.group(2), shape_bytes(m.group(1))))
-        if m := _WHILE.search(line):
-            trips = _TRIP_COUNT.search(line)
-            if trips is None:
-                raise ValueError(f"while loop without a known trip count: {line.strip()[:200]}")
-            calls[current].append((m.group(1), int(trips.group(1)), True))
-        else:
-            for group in _CALLEES.findall(line):
-                calls[current].extend((c, 1, False) for c in _NAME.findall(group))
+        elif current is not None:
+            bodies[current].append(_COMMENT.sub("", line))
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
     out: list[Collective] = []
 
     def visit(name: str, runs: int, loops: int) -> None:
-        out.extend(Collective(kind, b, runs, loops) for kind, b in own.get(name, ()))
-        for callee, mult, is_loop in calls.get(name, ()):
-            visit(callee, runs * mult, loops + is_loop)
+        for line in bodies.get(name, ()):
+            if m := _COLLECTIVE.search(line):
+                out.append(Collective(m.group(2), shape_bytes(m.group(1)), runs, loops))
+            if m := _WHILE.search(line):
+                visit(m.group(1), runs * trip_count(line, bodies), loops + 1)
+            else:
+                for group in _CALLEES.findall(line):
+                    for callee in _NAME.findall(group):
+                        visit(callee, runs, loops)
 
     visit(entry, 1, 0)
     return out
+
+
+def trip_count(while_line: str, bodies: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA's annotation (compiled HLO), else read off its condition, which for a
+    `lax.scan` (a counter from 0) is `counter < N` with a constant N (HLO straight out of the partitioner)."""
+    if m := _TRIP_COUNT.search(while_line):
+        return int(m.group(1))
+    cond = _CONDITION.search(while_line)
+    lines = bodies.get(cond.group(1), []) if cond else []
+    constants = [int(c) for line in lines for c in _INT_CONSTANT.findall(line)]
+    if len(constants) == 1 and any(line.lstrip().startswith("ROOT") and "direction=LT" in line for line in lines):
+        return constants[0]
+    raise ValueError(f"while loop without a known trip count: {while_line.strip()[:200]}")
 
 
 def summarize(collectives: list[Collective]) -> dict[str, dict[str, float]]:
@@ -127,6 +136,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         device_bytes,
         make_mesh,
         param_shardings,
+        partitioned_hlo,
         state_shardings,
     )
     from sid.models.qwen2 import Qwen2, pad_vocab
@@ -163,8 +173,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         static, sft_loss, optimizer, accum=spec["accum"], mesh=mesh, state_sharding=sharding, lr_schedule=lr
     )
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    hlo = compiled.as_text()
+    compiled, hlo = partitioned_hlo(step.lower(state, batch))
     return {
         **spec,
         "mesh": "x".join(map(str, spec["mesh"])),

@@ -267,5 +267,20 @@ def test_hlo_collectives_weights_by_loop_trip_counts(monkeypatch):
         "update/all-to-all": {"count": 1, "gb": 76 / 1e9},
         "update/collective-permute": {"count": 2, "gb": 16 / 1e9},
     }
+    unannotated = HLO.replace(', backend_config={"known_trip_count":{"n":"2"}}', "")
     with pytest.raises(ValueError, match="known trip count"):
-        mod.hlo_collectives(HLO.replace(', backend_config={"known_trip_count":{"n":"2"}}', ""))
+        mod.hlo_collectives(unannotated)
+    # Straight out of the SPMD partitioner loops carry no annotation: a scan's condition is `counter < N`.
+    condition = """%c2 (p: (s32[], f32[4,8])) -> pred[] {
+  %i = s32[] get-tuple-element((s32[], f32[4,8]) %p), index=0
+  %n = s32[] constant(2)
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+"""
+    partitioned = unannotated.replace("ENTRY", condition + "ENTRY").replace(
+        "condition=%c, body=%outer", "condition=%c2, body=%outer"
+    )
+    assert sorted(mod.hlo_collectives(partitioned), key=lambda c: c.kind) == got
+    with pytest.raises(ValueError, match="known trip count"):
+        mod.hlo_collectives(partitioned.replace("direction=LT", "direction=NE"))
