@@ -35,8 +35,37 @@ class Linear(eqx.Module):
 
     def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
         """Apply in the input's dtype (weights are cast, not the activations)."""
-        y = x @ self.weight.astype(x.dtype).T
-        return y if self.bias is None else y + self.bias.astype(x.dtype)
+        return _linear(x, self.weight, self.bias)
+
+
+def _affine(x: Array, weight: Array, bias: Array | None) -> Array:
+    y = x @ weight.astype(x.dtype).T
+    return y if bias is None else y + bias.astype(x.dtype)
+
+
+_linear = jax.custom_vjp(_affine)
+
+
+def _linear_fwd(x: Array, weight: Array, bias: Array | None) -> tuple[Array, tuple]:
+    # Plain ops, not `_linear` itself: a custom_vjp call here would hide the matmul from the remat policy, which
+    # would then recompute it in the backward pass.
+    return _affine(x, weight, bias), (x, weight, bias)
+
+
+def _linear_bwd(res: tuple, dy: Array) -> tuple[Array, Array, Array | None]:
+    """Autodiff's gradients, except that the weight's and bias's come out of their matmul / sum in float32 (they
+    are float32 params): left to autodiff they would be rounded to the compute dtype first. Under FSDP each device
+    holds a partial sum of them over its rows, and the partitioner reduces them across devices in the dtype they
+    come out in; this keeps that reduction (and the micro-batch accumulation) in float32."""
+    x, weight, bias = res
+    dx = dy @ weight.astype(dy.dtype)
+    rows = "".join(chr(ord("a") + i) for i in range(dy.ndim - 1))
+    dweight = jnp.einsum(f"{rows}o,{rows}i->oi", dy, x, preferred_element_type=jnp.float32)
+    dbias = None if bias is None else jnp.sum(dy, axis=tuple(range(dy.ndim - 1)), dtype=jnp.float32)
+    return dx, dweight.astype(weight.dtype), None if bias is None else dbias.astype(bias.dtype)
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Embedding(eqx.Module):
