@@ -43,6 +43,8 @@ _CALLEES = re.compile(r"(?:calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\
 _NAME = re.compile(r"%([\w.\-]+)")
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _COMMENT = re.compile(r"/\*.*?\*/")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OP_NOISE = re.compile(r"^jit\([^)]*\)/|(?:while/body|closed_call|checkpoint)/")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class Collective:
     """Executions per run of the entry computation (product of the trip counts of the loops around it)."""
     loops: int
     """How many while loops it sits in."""
+    dtype: str = ""
+    """Element type of its (first) result."""
+    op: str = ""
+    """The JAX op it partitions (the HLO's op_name metadata, without the jit and loop-body prefixes)."""
 
 
 def shape_bytes(text: str) -> int:
@@ -85,7 +91,10 @@ def hlo_collectives(hlo: str) -> list[Collective]:
     def visit(name: str, runs: int, loops: int) -> None:
         for line in bodies.get(name, ()):
             if m := _COLLECTIVE.search(line):
-                out.append(Collective(m.group(2), shape_bytes(m.group(1)), runs, loops))
+                dtype = _SHAPE.search(m.group(1))
+                op = _OP_NAME.search(line)
+                op = _OP_NOISE.sub("", op.group(1)) if op else ""
+                out.append(Collective(m.group(2), shape_bytes(m.group(1)), runs, loops, dtype[1] if dtype else "", op))
             if m := _WHILE.search(line):
                 visit(m.group(1), runs * trip_count(line, bodies), loops + 1)
             else:
@@ -120,6 +129,15 @@ def summarize(collectives: list[Collective]) -> dict[str, dict[str, float]]:
         row["count"] += c.runs
         row["gb"] += c.runs * c.bytes / 1e9
     return dict(sorted(out.items()))
+
+
+def by_op(collectives: list[Collective], top: int) -> list[dict[str, Any]]:
+    """The `top` (kind, dtype, op) groups by GB per device per optimizer step: which part of the model sends what."""
+    groups: dict[tuple[str, str, str], float] = defaultdict(float)
+    for c in collectives:
+        groups[(c.kind, c.dtype, c.op)] += c.runs * c.bytes / 1e9
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    return [{"kind": kind, "dtype": dtype, "op": op, "gb": gb} for (kind, dtype, op), gb in ranked]
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +200,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "opt_state_gib_per_device": device_bytes(state.opt_state, sharding.opt_state) / 2**30,
         # XLA's buffer assignment on this backend: activations, gathered weights, the gradient accumulator.
         "temp_gib_per_device": compiled.memory_analysis().temp_size_in_bytes / 2**30,
-        "collectives": summarize(hlo_collectives(hlo)),
+        "collectives": summarize(collectives := hlo_collectives(hlo)),
+        "by_op": by_op(collectives, spec["top_ops"]),
     }
 
 
@@ -202,6 +221,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512, help="row length (the seed's max_len)")
     p.add_argument("--rows-per-device", type=int, default=16, help="rows per device per micro-batch (the seed's)")
     p.add_argument("--accum", type=int, default=8, help="micro-batches per step (the seed's)")
+    p.add_argument("--by-op", type=int, default=0, metavar="N", help="also print the N largest senders by JAX op")
     p.add_argument(
         "--tiny", action="store_true", help="CPU smoke: tiny model on 1x2x1 and 1x1x2, seq 64, 2 rows, 2 micro-batches"
     )
@@ -234,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     seq=args.seq,
                     rows_per_device=args.rows_per_device,
                     accum=args.accum,
+                    top_ops=max(args.by_op, 12),
                 )
                 results.append(measure(spec))
                 r = results[-1]
@@ -242,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['params_gib_per_device']:.3f} GiB, optimizer state {r['opt_state_gib_per_device']:.3f} GiB, "
                     f"temporaries {r['temp_gib_per_device']:.3f} GiB"
                 )
+                if args.by_op:
+                    print(markdown_table(r["by_op"][: args.by_op], {"kind": "collective", "dtype": "dtype", "op": "op",
+                                                                     "gb": "GB per device per step"}))  # fmt: skip
     rows = [
         {"arch": r["arch"], "mesh": r["mesh"], "optimizer": r["optimizer"], "part/kind": k, **v}
         for r in results

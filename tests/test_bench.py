@@ -216,6 +216,10 @@ def test_step_collectives(results):
         assert r["opt_state_gib_per_device"] > r["params_gib_per_device"]
         assert r["temp_gib_per_device"] >= r["params_gib_per_device"]  # it holds the f32 gradient accumulator
     assert "| tiny | 1x2x1 | muon_local | update/all-to-all |" in stdout
+    # By op on fsdp2: the bf16 compute's weights are gathered in bf16 for matmuls; their gradients reduced in f32.
+    top = {(g["kind"], g["dtype"], g["op"]) for g in record["results"][0]["by_op"]}
+    assert ("all-gather", "bf16", "jvp()/dot_general") in top
+    assert any(kind == "all-reduce" and dtype == "f32" and op.endswith("->oi/dot_general") for kind, dtype, op in top)
 
 
 HLO = """HloModule m
@@ -230,7 +234,7 @@ HLO = """HloModule m
 }
 
 %outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
-  %ag = f32[4,8]{1,0} all-gather(f32[2,8]{1,0} %x), dimensions={0}
+  %ag = f32[4,8]{1,0} all-gather(f32[2,8]{1,0} %x), metadata={op_name="jit(f)/while/body/jvp()/dot_general"}
   %w2 = (s32[], bf16[16]) while(%t), condition=%c, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
 }
 
@@ -255,11 +259,15 @@ def test_hlo_collectives_weights_by_loop_trip_counts(monkeypatch):
     got = sorted(mod.hlo_collectives(HLO), key=lambda c: c.kind)
     C = mod.Collective
     assert got == [
-        C("all-gather", 4 * 8 * 4, runs=2, loops=1),
-        C("all-reduce", 16 * 2, runs=2 * 3, loops=2),  # the -start counted, the -done not
-        C("all-to-all", 2 * 8 * 4 + 3 * 4, runs=1, loops=0),
-        C("collective-permute", 2 * 4, runs=1, loops=0),  # each of the two branches
-        C("collective-permute", 2 * 4, runs=1, loops=0),
+        C("all-gather", 4 * 8 * 4, runs=2, loops=1, dtype="f32", op="jvp()/dot_general"),
+        C("all-reduce", 16 * 2, runs=2 * 3, loops=2, dtype="bf16"),  # the -start counted, the -done not
+        C("all-to-all", 2 * 8 * 4 + 3 * 4, runs=1, loops=0, dtype="f32"),
+        C("collective-permute", 2 * 4, runs=1, loops=0, dtype="f32"),  # each of the two branches
+        C("collective-permute", 2 * 4, runs=1, loops=0, dtype="f32"),
+    ]
+    assert mod.by_op(got, top=2) == [
+        {"kind": "all-gather", "dtype": "f32", "op": "jvp()/dot_general", "gb": 256 / 1e9},
+        {"kind": "all-reduce", "dtype": "bf16", "op": "", "gb": 192 / 1e9},
     ]
     assert mod.summarize(got) == {
         "fwd_bwd/all-gather": {"count": 2, "gb": 256 / 1e9},
