@@ -350,8 +350,9 @@ def partitioned_hlo(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, s
         dumps = sorted(Path(tmp).glob("*after_spmd-partitioning*.txt"))
         if len(dumps) != 1:
             raise RuntimeError(
-                f"expected one HLO dump after XLA's spmd-partitioning pass, found {[d.name for d in dumps]}: "
-                "this XLA names the pass differently"
+                f"expected one HLO dump after XLA's spmd-partitioning pass, found {[d.name for d in dumps]}: either "
+                "XLA did not compile (a persistent compilation cache hit: unset JAX_COMPILATION_CACHE_DIR) or this "
+                "XLA names the pass differently"
             )
         return compiled, dumps[0].read_text()
 

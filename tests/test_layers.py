@@ -1,11 +1,14 @@
-"""Linear's hand-written VJP: autodiff's gradients, except that the float32 weight and bias get theirs unrounded."""
+"""The layers' hand-written VJPs: Linear's weight and bias gradients come out unrounded in float32, and a lookup in a
+vocab table split over devices sends bfloat16 but scatters its gradient in float32."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from sid.models.layers import Linear, _affine, scan_layers
+from sid.mesh import MeshConfig, batch_sharding, make_mesh, traced_on
+from sid.models.layers import Embedding, Linear, _affine, scan_layers
 
 
 def linear_and_cotangent(dtype, *, bias: bool, seed: int = 0):
@@ -77,3 +80,32 @@ def test_remat_dots_recomputes_no_linear_matmul():
     assert matmuls("dots") == matmuls("none") == 6
     # The control: full remat recomputes the matmul whose output the backward needs (tanh's input).
     assert matmuls("full") == 7
+
+
+def test_lookup_in_a_split_table_equals_one_device_and_accumulates_in_float32():
+    # Rows of a table split over 8 devices, looked up in bfloat16 by ids that repeat token 3 many times: the
+    # gradient of row 3 sums 200 bfloat16 rows, which a bfloat16 scatter would round at every add.
+    emb = Embedding.init(64, 16, std=1.0, key=jax.random.key(0))
+    r = np.random.default_rng(0)
+    ids = np.where(r.random((8, 32)) < 0.8, 3, r.integers(0, 64, (8, 32))).astype(np.int32)
+    weights = jax.random.normal(jax.random.key(1), (8, 32, 16), jnp.float32)
+
+    def loss(emb, ids, weights):
+        rows = emb(ids, jnp.bfloat16)
+        assert rows.dtype == jnp.bfloat16
+        return (rows.astype(jnp.float32) * weights).sum(), rows
+
+    (_, rows_single), grad_single = jax.value_and_grad(loss, has_aux=True)(emb, ids, weights)
+    mesh = make_mesh(MeshConfig(fsdp=8))
+    split = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec("fsdp", None)), emb)
+    sharded = jax.jit(
+        traced_on(mesh, jax.value_and_grad(loss, has_aux=True)),
+        in_shardings=(split, batch_sharding(mesh), batch_sharding(mesh)),
+    )
+    (_, rows), grad = sharded(jax.device_put(emb, split), ids, weights)
+    np.testing.assert_array_equal(rows, rows_single)
+    assert grad.weight.dtype == jnp.float32
+    want = np.zeros((64, 16))  # each row's gradient is its weights in bfloat16 (the rows' dtype), summed exactly
+    np.add.at(want, ids.reshape(-1), np.asarray(weights.astype(jnp.bfloat16), np.float64).reshape(-1, 16))
+    np.testing.assert_allclose(grad.weight, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grad.weight, grad_single.weight, rtol=1e-5, atol=1e-5)

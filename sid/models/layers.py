@@ -7,15 +7,17 @@ compute dtype, cast once at the embedding), while norms and RoPE compute in floa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from sid.mesh import constrain_table
+from sid.mesh import constrain_table, param_split
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 """Config dtype names to JAX dtypes."""
@@ -80,7 +82,34 @@ class Embedding(eqx.Module):
 
     def __call__(self, ids: Int[Array, "..."], dtype: Any) -> Float[Array, "... embed"]:
         """Rows for `ids`, cast to `dtype` (the model's compute dtype)."""
-        return jnp.take(constrain_table(self.weight), ids, axis=0).astype(dtype)
+        table = constrain_table(self.weight)
+        if param_split() == 1:
+            return jnp.take(table, ids, axis=0).astype(dtype)
+        return _split_table_lookup(table, ids, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _split_table_lookup(table: Array, ids: Array, dtype: Any) -> Array:
+    """`table[ids]` in `dtype`, for a table split over devices: the partitioner looks up each device's rows and sums
+    the partial results across devices, which is exact in the compute dtype (one device holds each row), so the
+    table is cast first and that sum sends half the bytes of a float32 one. The gradient is scattered into the
+    float32 table in float32 (a token's rows add up over the batch), after its rows are gathered in `dtype`."""
+    return jnp.take(table.astype(dtype), ids, axis=0)
+
+
+def _split_table_lookup_fwd(table: Array, ids: Array, dtype: Any) -> tuple[Array, tuple[Array, Array]]:
+    return jnp.take(table.astype(dtype), ids, axis=0), (table, ids)
+
+
+def _split_table_lookup_bwd(dtype: Any, res: tuple[Array, Array], d_rows: Array) -> tuple[Array, None]:
+    table, ids = res
+    # Every device scatters all the rows' gradients into its own rows of the table.
+    d_rows, ids = jax.lax.with_sharding_constraint((d_rows, ids), PartitionSpec())
+    d_table = jnp.zeros(table.shape, jnp.float32).at[ids].add(d_rows.astype(jnp.float32))
+    return d_table.astype(table.dtype), None
+
+
+_split_table_lookup.defvjp(_split_table_lookup_fwd, _split_table_lookup_bwd)
 
 
 class RMSNorm(eqx.Module):
