@@ -7,7 +7,6 @@ compute dtype, cast once at the embedding), while norms and RoPE compute in floa
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -88,17 +87,19 @@ class Embedding(eqx.Module):
         return _split_table_lookup(table, ids, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _split_table_lookup(table: Array, ids: Array, dtype: Any) -> Array:
-    """`table[ids]` in `dtype`, for a table split over devices: the partitioner looks up each device's rows and sums
-    the partial results across devices, which is exact in the compute dtype (one device holds each row), so the
-    table is cast first and that sum sends half the bytes of a float32 one. The gradient is scattered into the
-    float32 table in float32 (a token's rows add up over the batch), after its rows are gathered in `dtype`."""
+def _cast_lookup(table: Array, ids: Array, dtype: Any) -> Array:
     return jnp.take(table.astype(dtype), ids, axis=0)
 
 
+_split_table_lookup = jax.custom_vjp(_cast_lookup, nondiff_argnums=(2,))
+"""`table[ids]` in `dtype`, for a table split over devices: the partitioner looks up each device's rows and sums the
+partial results across devices, which is exact in the compute dtype (one device holds each row), so the table is
+cast first and that sum sends half the bytes of a float32 one. The gradient is scattered into the float32 table in
+float32 (a token's rows add up over the batch), after its rows are gathered in `dtype`."""
+
+
 def _split_table_lookup_fwd(table: Array, ids: Array, dtype: Any) -> tuple[Array, tuple[Array, Array]]:
-    return jnp.take(table.astype(dtype), ids, axis=0), (table, ids)
+    return _cast_lookup(table, ids, dtype), (table, ids)
 
 
 def _split_table_lookup_bwd(dtype: Any, res: tuple[Array, Array], d_rows: Array) -> tuple[Array, None]:
