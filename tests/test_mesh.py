@@ -173,7 +173,11 @@ def step_on(mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd, *, partitio
     step = make_train_step(static, loss_fn, opt, accum=2, mesh=mesh, state_sharding=sharding, lr_schedule=lr)
     batch = to_global(batch(), mesh)
     lowered = step.lower(state, batch)
-    compiled, hlo = partitioned_hlo(lowered) if partitioned else (compiled := lowered.compile(), compiled.as_text())
+    if partitioned:
+        compiled, hlo = partitioned_hlo(lowered)
+    else:
+        compiled = lowered.compile()
+        hlo = compiled.as_text()
     new_state, metrics = compiled(state, batch)
     return jax.device_get(metrics), jax.device_get(new_state.params), hlo
 
