@@ -76,7 +76,8 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     mesh = make_mesh(MeshConfig())
     trie = build_trie(catalog.sids, {t: tok.token_id(t) for t in catalog.sid_tokens()}, end_ids(tok))
     t0 = time.perf_counter()
-    model, _ = build_model(arch_config(spec["arch"], seed=spec["seed"], attention=spec["attention"]), tok)
+    cfg = arch_config(spec["arch"], seed=spec["seed"], attention=spec["attention"], scan_unroll=spec["scan_unroll"])
+    model, _ = build_model(cfg, tok)
     model = jax.device_put(model, param_shardings(model, mesh))
     jax.block_until_ready(model)
     init_s = time.perf_counter() - t0
@@ -217,6 +218,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=lambda s: [int(x) for x in s.split(",")],
         default=[128, 256, 512],
         help="prompt length buckets (sid's eval default)",
+    )
+    p.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=1,
+        help="layers per iteration of the layer scan (the layer count unrolls it fully)",
     )
     p.add_argument(
         "--hf",

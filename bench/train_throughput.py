@@ -284,7 +284,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ns-method", default="auto", choices=["auto", "gram", "standard"], help="muon_local's Newton–Schulz form"
     )
-    p.add_argument("--scan-unroll", type=int, default=1, help="layers per iteration of the layer scan")
+    p.add_argument(
+        "--scan-unroll",
+        type=int,
+        default=1,
+        help="layers per iteration of the layer scan (the layer count unrolls it fully)",
+    )
     p.add_argument(
         "--ce-chunk-elements", type=int, default=0, help="logits elements per cross-entropy chunk (0: sid.loss's)"
     )

@@ -156,6 +156,8 @@ def test_bf16_compute_and_bad_input():
         model(jnp.zeros((1, 17), jnp.int32))
     with pytest.raises(ValueError, match="vocab_size"):
         GPT.init(dataclasses.replace(cfg, vocab_size=0), key=jax.random.key(0))
+    with pytest.raises(ValueError, match="model.scan_unroll"):
+        GPT.init(dataclasses.replace(cfg, scan_unroll=0), key=jax.random.key(0))
 
 
 def test_unrolled_block_scan_equals_rolled_with_dropout():

@@ -242,6 +242,9 @@ def test_bad_configs():
         build(dataclasses.replace(CFG, vocab_size=0))
     with pytest.raises(ValueError, match="num_kv_heads"):
         build(dataclasses.replace(CFG, num_kv_heads=3))
+    for bad in (0, -2, "all", True):
+        with pytest.raises(ValueError, match="model.scan_unroll must be a positive integer"):
+            build(dataclasses.replace(CFG, scan_unroll=bad))
     if jax.default_backend() != "gpu":
         m = build(dataclasses.replace(CFG, attention="cudnn"))
         x = jnp.zeros((1, 2), jnp.int32)

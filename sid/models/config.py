@@ -40,7 +40,8 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "full"
     """Rematerialisation of each scanned layer: none, full, or save only matmul and cuDNN attention outputs ('dots')."""
     scan_unroll: int = 1
-    """Layers per iteration of the layer scan: 1 keeps compile time flat in depth; num_layers unrolls fully."""
+    """Layers per iteration of the layer scan: 1 keeps compile time flat in depth; num_layers unrolls fully, which
+    on a GPU makes a training step faster and its compile slower (docs/benchmarks.md, "Unrolling the layer scan")."""
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Activation/matmul dtype; params stay float32, softmax, norms and logits are float32."""
     attention: Literal["auto", "xla", "cudnn"] = "auto"

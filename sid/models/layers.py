@@ -190,6 +190,12 @@ def _save_dots_and_fused_attention(prim, *args, **params) -> bool:
     )
 
 
+def check_scan_unroll(unroll: int) -> None:
+    """Refuse a `scan_unroll` (layers per scan iteration) that is not a positive integer, naming the field."""
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"model.scan_unroll must be a positive integer, got {unroll!r}")
+
+
 def scan_layers(
     fn: Callable[[Any, Any, Any], tuple[Any, Any]],
     carry: Any,

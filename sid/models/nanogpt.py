@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from sid.mesh import constrain_batch, constrain_table
 from sid.models.config import GPTConfig
-from sid.models.layers import DTYPES, LayerNorm, Linear, scan_layers
+from sid.models.layers import DTYPES, LayerNorm, Linear, check_scan_unroll, scan_layers
 
 
 def _dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
@@ -122,6 +122,7 @@ class GPT(eqx.Module):
             raise ValueError("GPTConfig.vocab_size must be set (> 0) before building the model")
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd={cfg.n_embd} must be a multiple of n_head={cfg.n_head}")
+        check_scan_unroll(cfg.scan_unroll)
         k_te, k_pe, k_layers = jax.random.split(key, 3)
         return GPT(
             wte=0.02 * jax.random.normal(k_te, (cfg.vocab_size, cfg.n_embd), jnp.float32),

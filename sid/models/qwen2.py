@@ -31,7 +31,16 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from sid.mesh import constrain_batch
 from sid.models.config import ModelConfig
-from sid.models.layers import DTYPES, Embedding, Linear, RMSNorm, apply_rope, rope_cos_sin, scan_layers
+from sid.models.layers import (
+    DTYPES,
+    Embedding,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    check_scan_unroll,
+    rope_cos_sin,
+    scan_layers,
+)
 
 SHARED_SEGMENT = -1
 """Segment id of keys visible to every query segment (the prompt's KV during decoding)."""
@@ -217,6 +226,7 @@ def _resolve_config(cfg: ModelConfig) -> ModelConfig:
     head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even for RoPE")
+    check_scan_unroll(cfg.scan_unroll)
     return dataclasses.replace(cfg, head_dim=head_dim)
 
 
