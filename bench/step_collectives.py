@@ -7,7 +7,7 @@ step (the trip counts of the layer and micro-batch loops around it). Reported pe
 backward (inside the micro-batch loop) and the optimizer update (outside it), with the bytes of params and
 optimizer state each device holds.
 
-The HLO read is the SPMD partitioner's output (`sid.mesh.partitioned_hlo`): which tensors cross devices, how, and in
+The HLO read is the SPMD partitioner's output (`sid.hlo.partitioned_hlo`): which tensors cross devices, how, and in
 which dtype, before any backend rewrites them. (The CPU backend's own compiled HLO would report bfloat16 payloads as
 float32.) Backends then rewrite the collectives (GPU and TPU turn an all-reduce followed by a slice into a
 reduce-scatter, and combine small ones), so treat the figures as a layout check and an upper bound, not a bandwidth
@@ -21,102 +21,15 @@ measurement.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import arch_config, arch_vocab, host_environment, markdown_table, write_json
 
-KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
-DTYPE_BYTES |= {"f64": 8, "s64": 8, "u64": 8}
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
-_COLLECTIVE = re.compile(rf"= (.*?) ({'|'.join(KINDS)})(?:-start)?\(")
-_WHILE = re.compile(r" while\(.*body=%([\w.\-]+)")
-_CONDITION = re.compile(r"condition=%([\w.\-]+)")
-_INT_CONSTANT = re.compile(r"= s32\[\] constant\((\d+)\)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_CALLEES = re.compile(r"(?:calls|to_apply|branch_computations)=(\{[^}]*\}|%[\w.\-]+)")
-_NAME = re.compile(r"%([\w.\-]+)")
-_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-_COMMENT = re.compile(r"/\*.*?\*/")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-_OP_NOISE = re.compile(r"^jit\([^)]*\)/|(?:while/body|closed_call|checkpoint)/")
-
-
-@dataclass(frozen=True)
-class Collective:
-    kind: str
-    bytes: int
-    """Per-device output bytes of one execution."""
-    runs: int
-    """Executions per run of the entry computation (product of the trip counts of the loops around it)."""
-    loops: int
-    """How many while loops it sits in."""
-    dtype: str = ""
-    """Element type of its (first) result."""
-    op: str = ""
-    """The JAX op it partitions (the HLO's op_name metadata, without the jit and loop-body prefixes)."""
-
-
-def shape_bytes(text: str) -> int:
-    """Bytes of the array shapes in `text` (an HLO result type, tuples included)."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += DTYPE_BYTES.get(dtype, 4) * n
-    return total
-
-
-def hlo_collectives(hlo: str) -> list[Collective]:
-    """Every collective reachable from the entry computation of an HLO module's text, with how often it runs."""
-    bodies: dict[str, list[str]] = defaultdict(list)
-    entry, current = None, None
-    for line in hlo.splitlines():
-        head = _COMPUTATION.match(line)
-        if head:
-            current = head.group(1)
-            entry = current if line.startswith("ENTRY") else entry
-        elif current is not None:
-            bodies[current].append(_COMMENT.sub("", line))
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text")
-    out: list[Collective] = []
-
-    def visit(name: str, runs: int, loops: int) -> None:
-        for line in bodies.get(name, ()):
-            if m := _COLLECTIVE.search(line):
-                dtype = _SHAPE.search(m.group(1))
-                op = _OP_NAME.search(line)
-                op = _OP_NOISE.sub("", op.group(1)) if op else ""
-                out.append(Collective(m.group(2), shape_bytes(m.group(1)), runs, loops, dtype[1] if dtype else "", op))
-            if m := _WHILE.search(line):
-                visit(m.group(1), runs * trip_count(line, bodies), loops + 1)
-            else:
-                for group in _CALLEES.findall(line):
-                    for callee in _NAME.findall(group):
-                        visit(callee, runs, loops)
-
-    visit(entry, 1, 0)
-    return out
-
-
-def trip_count(while_line: str, bodies: dict[str, list[str]]) -> int:
-    """A while loop's trip count: XLA's annotation (compiled HLO), else read off its condition, which for a
-    `lax.scan` (a counter from 0) is `counter < N` with a constant N (HLO straight out of the partitioner)."""
-    if m := _TRIP_COUNT.search(while_line):
-        return int(m.group(1))
-    cond = _CONDITION.search(while_line)
-    lines = bodies.get(cond.group(1), []) if cond else []
-    constants = [int(c) for line in lines for c in _INT_CONSTANT.findall(line)]
-    if len(constants) == 1 and any(line.lstrip().startswith("ROOT") and "direction=LT" in line for line in lines):
-        return constants[0]
-    raise ValueError(f"while loop without a known trip count: {while_line.strip()[:200]}")
+if TYPE_CHECKING:
+    from sid.hlo import Collective
 
 
 def summarize(collectives: list[Collective]) -> dict[str, dict[str, float]]:
@@ -147,6 +60,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from sid.hlo import hlo_collectives, partitioned_hlo
     from sid.mesh import (
         MeshConfig,
         batch_sharding,
@@ -154,7 +68,6 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         device_bytes,
         make_mesh,
         param_shardings,
-        partitioned_hlo,
         state_shardings,
     )
     from sid.models.qwen2 import Qwen2, pad_vocab

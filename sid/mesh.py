@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import jax
@@ -339,22 +337,6 @@ def _spec_str(spec: PartitionSpec) -> str:
     """A spec as its dims, e.g. `(-, tp, fsdp)` (`-`: whole; `tp+fsdp`: split over both)."""
     dims = ["-" if d is None else "+".join(d) if isinstance(d, tuple) else d for d in spec]
     return "(" + ", ".join(dims) + ")" if dims else "()"
-
-
-def partitioned_hlo(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, str]:
-    """Compile `lowered`, and the HLO text that XLA's SPMD partitioner made of it: every collective it placed, in
-    the dtypes it chose. (Backends rewrite the compiled HLO after that; the CPU backend widens bfloat16 collectives
-    to float32, so on simulated devices only this text tells a bfloat16 weight gather from a float32 one.)"""
-    with tempfile.TemporaryDirectory() as tmp:
-        compiled = lowered.compile({"xla_dump_to": tmp, "xla_dump_hlo_pass_re": "spmd-partitioning"})
-        dumps = sorted(Path(tmp).glob("*after_spmd-partitioning*.txt"))
-        if len(dumps) != 1:
-            raise RuntimeError(
-                f"expected one HLO dump after XLA's spmd-partitioning pass, found {[d.name for d in dumps]}: either "
-                "XLA did not compile (a persistent compilation cache hit: unset JAX_COMPILATION_CACHE_DIR) or this "
-                "XLA names the pass differently"
-            )
-        return compiled, dumps[0].read_text()
 
 
 def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from sid.hlo import Collective
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {
     # muon_optax is the same code path as muon_local here (an optimizer name); leaving it out halves the runtime.
@@ -225,48 +227,18 @@ def test_step_collectives(results):
     assert any(kind == "all-reduce" and dtype == "f32" and op.endswith("->oi/dot_general") for kind, dtype, op in top)
 
 
-HLO = """HloModule m
-
-%add (a: bf16[], b: bf16[]) -> bf16[] {
-  ROOT %s = bf16[] add(bf16[] %a, bf16[] %b)
-}
-
-%inner_body (p: (s32[], bf16[16])) -> (s32[], bf16[16]) {
-  %ar = bf16[16]{0} all-reduce-start(bf16[16]{0} %y), to_apply=%add
-  %done = bf16[16]{0} all-reduce-done(bf16[16]{0} %ar)
-}
-
-%outer_body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
-  %ag = f32[4,8]{1,0} all-gather(f32[2,8]{1,0} %x), metadata={op_name="jit(f)/while/body/jvp()/dot_general"}
-  %w2 = (s32[], bf16[16]) while(%t), condition=%c, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
-}
-
-%branch (p: f32[2]) -> f32[2] {
-  %cp = f32[2]{0} collective-permute(f32[2]{0} %p), source_target_pairs={{0,1},{1,0}}
-}
-
-ENTRY %main (a: f32[2,8]) -> f32[4,8] {
-  %w = (s32[], f32[4,8]) while(%init), condition=%c, body=%outer_body, backend_config={"known_trip_count":{"n":"2"}}
-  %a2a = (f32[2,8]{1,0}, /*index=1*/s32[3]{0}) all-to-all(f32[2,8]{1,0} %x, s32[3]{0} %y), dimensions={0}
-  %cond = f32[2] conditional(pred[] %q, f32[2] %u, f32[2] %v), branch_computations={%branch, %branch}
-}
-"""
-
-
-def test_hlo_collectives_weights_by_loop_trip_counts(monkeypatch):
+def test_collectives_summed_per_step_and_grouped_by_op(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("step_collectives", ROOT / "bench" / "step_collectives.py")
     mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # its dataclass resolves annotations through sys.modules
     spec.loader.exec_module(mod)
-    got = sorted(mod.hlo_collectives(HLO), key=lambda c: c.kind)
-    C = mod.Collective
-    assert got == [
-        C("all-gather", 4 * 8 * 4, runs=2, loops=1, dtype="f32", op="jvp()/dot_general"),
-        C("all-reduce", 16 * 2, runs=2 * 3, loops=2, dtype="bf16"),  # the -start counted, the -done not
-        C("all-to-all", 2 * 8 * 4 + 3 * 4, runs=1, loops=0, dtype="f32"),
-        C("collective-permute", 2 * 4, runs=1, loops=0, dtype="f32"),  # each of the two branches
-        C("collective-permute", 2 * 4, runs=1, loops=0, dtype="f32"),
+    loop = "jit(f)/while/body/jvp()/dot_general"
+    got = [
+        Collective("all-gather", "f32", (4, 8), 128, runs=2, loops=1, op_name=loop),
+        Collective("all-reduce", "bf16", (16,), 32, runs=6, loops=2),
+        Collective("all-to-all", "f32", (2, 8), 76, runs=1, loops=0),
+        Collective("collective-permute", "f32", (2,), 8, runs=1, loops=0),
+        Collective("collective-permute", "f32", (2,), 8, runs=1, loops=0),
     ]
     assert mod.by_op(got, top=2) == [
         {"kind": "all-gather", "dtype": "f32", "op": "jvp()/dot_general", "gb": 256 / 1e9},
@@ -278,20 +250,3 @@ def test_hlo_collectives_weights_by_loop_trip_counts(monkeypatch):
         "update/all-to-all": {"count": 1, "gb": 76 / 1e9},
         "update/collective-permute": {"count": 2, "gb": 16 / 1e9},
     }
-    unannotated = HLO.replace(', backend_config={"known_trip_count":{"n":"2"}}', "")
-    with pytest.raises(ValueError, match="known trip count"):
-        mod.hlo_collectives(unannotated)
-    # Straight out of the SPMD partitioner loops carry no annotation: a scan's condition is `counter < N`.
-    condition = """%c2 (p: (s32[], f32[4,8])) -> pred[] {
-  %i = s32[] get-tuple-element((s32[], f32[4,8]) %p), index=0
-  %n = s32[] constant(2)
-  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
-}
-
-"""
-    partitioned = unannotated.replace("ENTRY", condition + "ENTRY").replace(
-        "condition=%c, body=%outer", "condition=%c2, body=%outer"
-    )
-    assert sorted(mod.hlo_collectives(partitioned), key=lambda c: c.kind) == got
-    with pytest.raises(ValueError, match="known trip count"):
-        mod.hlo_collectives(partitioned.replace("direction=LT", "direction=NE"))

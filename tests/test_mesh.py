@@ -15,12 +15,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sid.loss
+from sid.hlo import Collective, hlo_collectives, partitioned_hlo
 from sid.mesh import (
     MeshConfig,
     device_bytes,
     make_mesh,
     param_shardings,
-    partitioned_hlo,
     sharding_table,
     tp_head_warning,
 )
@@ -165,7 +165,7 @@ def single_device_step(case: str, optimizer=sgd):
 
 def step_on(mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd, *, partitioned: bool = False):
     """One step (2 micro-batches) of a real model on a mesh: (metrics, new params, HLO text). The HLO is the
-    compiled module's, or with `partitioned` the SPMD partitioner's output (`sid.mesh.partitioned_hlo`)."""
+    compiled module's, or with `partitioned` the SPMD partitioner's output (`sid.hlo.partitioned_hlo`)."""
     build, loss_fn, batch = CASES[case]
     mesh = make_mesh(mesh_cfg, devices)
     opt, lr = optimizer()
@@ -182,16 +182,14 @@ def step_on(mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd, *, partitio
     return jax.device_get(metrics), jax.device_get(new_state.params), hlo
 
 
-def collectives(hlo: str, ops: str, *, in_loops: bool | None = None) -> list[str]:
-    """ "kind result-shape @ op name" of each collective `ops` (regex alternation) in compiled HLO text; tuple-shaped
-    results count too. in_loops: only those inside (True) or outside (False) the micro-batch loop; None: all."""
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(rf"= (.*?) ({ops})(?:-start)?\(", line)
-        if m and (in_loops is None or in_loops == ("while/body" in line)):
-            name = re.search(r'op_name="([^"]*)"', line)
-            found.append(f"{m.group(2)} {m.group(1)[:60]} @ {name.group(1) if name else ''}")
-    return found
+def collectives(hlo: str, kinds: str, *, in_loops: bool | None = None) -> list[Collective]:
+    """The collectives of `kinds` (a regex alternation) in HLO text. in_loops: only those JAX traced inside (True)
+    or outside (False) a loop, such as the micro-batch loop; None: all."""
+    return [
+        c
+        for c in hlo_collectives(hlo)
+        if re.fullmatch(kinds, c.kind) and (in_loops is None or in_loops == ("while/body" in c.op_name))
+    ]
 
 
 MESHES = {"fsdp8": MeshConfig(), "dp2_fsdp4": MeshConfig(dp=2, fsdp=4), "dp2_fsdp2_tp2": MeshConfig(dp=2, fsdp=2, tp=2)}
@@ -216,8 +214,8 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
         # the replica axis (sid.trainer._accumulate): it pairs devices up transposed and swaps results back, one
         # collective-permute per lookup and its index (1.5B, dp2 x fsdp4: 0.40 GB per device per step). JAX 0.11
         # names the index's after the broadcast that shapes it.
-        lookup = r"collective-permute .* @ .*jvp\(jit\(_take\)\)/(gather|broadcast_in_dim)$"
-        relayouts = [r for r in relayouts if not re.match(lookup, r)]
+        lookup = r"jvp\(jit\(_take\)\)/(gather|broadcast_in_dim)$"
+        relayouts = [r for r in relayouts if not (r.kind == "collective-permute" and re.search(lookup, r.op))]
     if case == "nanogpt" and MESHES[mesh_name].tp > 1:
         # Except GPT-2's fused c_attn under tp: its output splits as q|k|v, which straddles the tp shards.
         assert relayouts
@@ -241,7 +239,7 @@ def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
     assert collectives(sharded[2], "all-gather", in_loops=False) == []
     assert collectives(sharded[2], "all-to-all", in_loops=False)
     reduces = collectives(sharded[2], "all-reduce", in_loops=False)
-    matrices = [c for c in reduces if re.search(r"\[\d+,\d+,\d+\]", c) and "dp_gradient_sum" not in c]
+    matrices = [c for c in reduces if len(c.shape) == 3 and "dp_gradient_sum" not in c.op]
     assert matrices == []
 
 
@@ -269,9 +267,9 @@ def test_dp_replicas_sum_gradients_once_per_step(case):
     np.testing.assert_allclose(sharded[0]["loss"], single[0]["loss"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    in_loop = [c for c in collectives(sharded[2], "all-reduce", in_loops=True) if re.search(r"\[\d", c)]
+    in_loop = [c for c in collectives(sharded[2], "all-reduce", in_loops=True) if c.shape]
     assert in_loop == []
-    assert [c for c in collectives(sharded[2], "all-reduce", in_loops=False) if "dp_gradient_sum" in c]
+    assert [c for c in collectives(sharded[2], "all-reduce", in_loops=False) if "dp_gradient_sum" in c.op]
 
 
 def test_each_dp_replica_draws_its_own_randomness():
@@ -290,17 +288,6 @@ def test_each_dp_replica_draws_its_own_randomness():
     assert 0 < draws[0] < 1 and 0 < draws[1] < 1 and draws[0] != draws[1]
 
 
-def dtype_of(collective: str) -> str:
-    """The element type of a `collectives()` entry ("all-gather bf16[64,32]{0,1} @ ..." -> "bf16")."""
-    return re.match(r"\S+ \(?([a-z]+\d*)\[", collective).group(1)
-
-
-def shape_of(collective: str) -> tuple[int, ...]:
-    """The result shape of a `collectives()` entry ("all-gather bf16[64,32]{0,1} @ ..." -> (64, 32))."""
-    dims = re.match(r"\S+ \(?[a-z]+\d*\[([\d,]*)\]", collective).group(1)
-    return tuple(int(d) for d in dims.split(",") if d)
-
-
 @pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp4"])
 def test_fsdp_sends_bfloat16_weights_and_activations_and_reduces_float32_gradients(mesh_name):
     # Read off the partitioner's output: the CPU backend widens bfloat16 collectives afterwards, so the compiled HLO
@@ -314,15 +301,16 @@ def test_fsdp_sends_bfloat16_weights_and_activations_and_reduces_float32_gradien
     # transpose (forward) or cast (backward).
     matrices = {w.shape[1:] for w in jax.tree.leaves(CASES["qwen2_bf16"][0]().layers) if w.ndim == 3}
     matrices |= {s[::-1] for s in matrices}
-    weight_gathers = [c for c in collectives(hlo, "all-gather", in_loops=True) if shape_of(c) in matrices]
-    assert weight_gathers and {dtype_of(c) for c in weight_gathers} == {"bf16"}
+    weight_gathers = [c for c in collectives(hlo, "all-gather", in_loops=True) if c.shape in matrices]
+    assert weight_gathers and {c.dtype for c in weight_gathers} == {"bf16"}
     reduces = collectives(hlo, "all-reduce|reduce-scatter")
-    backward = [c for c in reduces if "transpose(" in c]
-    assert backward and {dtype_of(c) for c in backward} == {"f32"}
-    assert {dtype_of(c) for c in reduces if c.endswith("jit(_take))/gather")} == {"bf16"}
-    assert [c for c in reduces if dtype_of(c) == "bf16" and not c.endswith("jit(_take))/gather")] == []
-    backward_gathers = [c for c in collectives(hlo, "all-gather") if "transpose(" in c]
-    assert [c for c in backward_gathers if dtype_of(c) == "f32" and re.search(r"\[\d+,", c)] == []  # 1-D: norms
+    backward = [c for c in reduces if "transpose(" in c.op]
+    assert backward and {c.dtype for c in backward} == {"f32"}
+    lookup = [c for c in reduces if c.op.endswith("jit(_take))/gather")]
+    assert lookup and {c.dtype for c in lookup} == {"bf16"}
+    assert [c for c in reduces if c.dtype == "bf16" and c not in lookup] == []
+    backward_gathers = [c for c in collectives(hlo, "all-gather") if "transpose(" in c.op]
+    assert [c for c in backward_gathers if c.dtype == "f32" and len(c.shape) > 1] == []  # 1-D: norms
 
 
 @pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp4"])
@@ -338,4 +326,4 @@ def test_cross_entropy_chunks_take_rows_from_every_device(mesh_name, monkeypatch
     # states (and targets) onto every device to slice it out (1.5B, fsdp8: 26 GB per device per step).
     gathers = collectives(sharded[2], "all-gather")
     assert gathers  # the weights' (so the check below sees gathers at all)
-    assert [c for c in gathers if "dynamic_slice" in c] == []
+    assert [c for c in gathers if "dynamic_slice" in c.op] == []
