@@ -16,14 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import sid.loss
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
-from sid.mesh import (
-    MeshConfig,
-    device_bytes,
-    make_mesh,
-    param_shardings,
-    sharding_table,
-    tp_head_warning,
-)
+from sid.mesh import MeshConfig, device_bytes, make_mesh, param_shardings, sharding_table, tp_head_warning
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
