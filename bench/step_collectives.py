@@ -1,4 +1,4 @@
-"""What a sharded train step sends between devices, read from its HLO: no accelerator needed.
+"""What a sharded train step (or beam search) sends between devices, read from its HLO: no accelerator needed.
 
 Compiles sid's train step (sid.trainer.make_train_step + sid.train.sft_loss) for the Qwen2.5 architectures on a
 (dp, fsdp, tp) mesh of simulated CPU devices, from abstract params (nothing is allocated, so 1.5B compiles on a
@@ -13,9 +13,13 @@ float32.) Backends then rewrite the collectives (GPU and TPU turn an all-reduce 
 reduce-scatter, and combine small ones), so treat the figures as a layout check and an upper bound, not a bandwidth
 measurement.
 
+`--program beam` reads the eval's trie-constrained beam search instead (sid.eval.beam.sharded_beam_search, one
+batch of prompts, a synthetic catalog shaped like Industrial's): GB per device per batch of prompts.
+
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python bench/step_collectives.py --archs 1.5b --meshes 1x8x1,2x2x2 --out runs/bench/step_collectives.json
     python bench/step_collectives.py --tiny --out /tmp/collectives_tiny.json                  # CPU smoke
+    python bench/step_collectives.py --tiny --program beam --out /tmp/beam_collectives_tiny.json
 """
 
 from __future__ import annotations
@@ -32,12 +36,19 @@ if TYPE_CHECKING:
     from sid.hlo import Collective
 
 
-def summarize(collectives: list[Collective]) -> dict[str, dict[str, float]]:
-    """Per part of the step (fwd_bwd: inside the micro-batch loop; update: outside it) and kind: executions and
-    GB per device per optimizer step."""
+PARTS = {"train": ("fwd_bwd", "update"), "beam": ("search", "search")}
+"""Per program, the names of the parts inside and outside its loops (beam search's layer scans run in its prefill
+and its decoding steps alike, so it is one part)."""
+INDUSTRIAL_CODEBOOKS = (48, 256, 256)
+"""Codes per SID level of MiniOneRec Industrial (3,686 items), for the synthetic beam-search catalog."""
+
+
+def summarize(collectives: list[Collective], parts: tuple[str, str] = PARTS["train"]) -> dict[str, dict[str, float]]:
+    """Per part (`parts`: inside the loops, outside them; the train step's are fwd_bwd, inside the micro-batch loop,
+    and update) and kind: executions and GB per device per optimizer step (or per beam-search batch)."""
     out: dict[str, dict[str, float]] = {}
     for c in collectives:
-        part = "fwd_bwd" if c.loops else "update"
+        part = parts[0] if c.loops else parts[1]
         row = out.setdefault(f"{part}/{c.kind}", {"count": 0, "gb": 0.0})
         row["count"] += c.runs
         row["gb"] += c.runs * c.bytes / 1e9
@@ -118,6 +129,57 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def measure_beam(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compile the eval's beam search for one batch of prompts from abstract params and read its collectives."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sid.eval.beam import sharded_beam_search
+    from sid.eval.trie import build_trie
+    from sid.hlo import hlo_collectives, partitioned_hlo
+    from sid.mesh import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
+    from sid.models.qwen2 import Qwen2, pad_vocab
+
+    dp, fsdp, tp = spec["mesh"]
+    mesh = make_mesh(MeshConfig(dp=dp, fsdp=fsdp, tp=tp), jax.devices()[: dp * fsdp * tp])
+    cfg = arch_config(spec["arch"], vocab_size=spec["vocab"])
+    model = eqx.filter_eval_shape(lambda: pad_vocab(Qwen2.init(cfg, key=jax.random.key(0)), 128))
+    placed = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), model, param_shardings(model, mesh)
+    )
+    # SID tokens are the vocab's last ids, as resize_vocab appends them; end tokens "\n" and EOS are Qwen's.
+    codebooks = spec["codebooks"]
+    first = spec["vocab"] - sum(codebooks)
+    token_ids = {
+        f"<{level}_{code}>": first + sum(codebooks[:i]) + code
+        for i, (level, size) in enumerate(zip("abcdefgh", codebooks, strict=False))
+        for code in range(size)
+    }
+    rng = np.random.default_rng(0)
+    sids = {
+        item: "".join(f"<{level}_{rng.integers(size)}>" for level, size in zip("abcdefgh", codebooks, strict=False))
+        for item in range(spec["items"])
+    }
+    trie = build_trie(sids, token_ids, end_ids=(198 % first, 151643 % first))
+    prompts = spec["prompts_per_device"] * data_parallel_size(mesh)
+    ids, mask = (
+        jax.ShapeDtypeStruct((prompts, spec["prompt_len"]), dtype, sharding=batch_sharding(mesh))
+        for dtype in (jnp.int32, jnp.bool_)
+    )
+    search = sharded_beam_search(mesh, model, num_beams=spec["beams"])
+    t0 = time.perf_counter()
+    _, hlo = partitioned_hlo(search.lower(placed, trie.tables, ids, mask))
+    return {
+        **spec,
+        "mesh": "x".join(map(str, spec["mesh"])),
+        "compile_s": time.perf_counter() - t0,
+        "collectives": summarize(collectives := hlo_collectives(hlo), PARTS["beam"]),
+        "by_op": by_op(collectives, spec["top_ops"]),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
@@ -136,12 +198,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--accum", type=int, default=8, help="micro-batches per step (the seed's)")
     p.add_argument("--by-op", type=int, default=0, metavar="N", help="also print the N largest senders by JAX op")
     p.add_argument(
+        "--program", default="train", choices=sorted(PARTS), help="the train step, or the eval's beam search"
+    )
+    p.add_argument("--prompts-per-device", type=int, default=8, help="beam: prompts per device (the eval's)")
+    p.add_argument("--prompt-len", type=int, default=128, help="beam: prompt length (the eval's first bucket)")
+    p.add_argument("--beams", type=int, default=50, help="beam: beams per prompt (the eval's)")
+    p.add_argument(
         "--tiny", action="store_true", help="CPU smoke: tiny model on 1x2x1 and 1x1x2, seq 64, 2 rows, 2 micro-batches"
     )
     args = p.parse_args(argv)
+    args.codebooks, args.items = INDUSTRIAL_CODEBOOKS, 3686
     if args.tiny:
         args.archs, args.meshes, args.seq, args.rows_per_device, args.accum = ["tiny"], [(1, 2, 1), (1, 1, 2)], 64, 2, 2
+        args.prompts_per_device, args.prompt_len, args.beams, args.codebooks, args.items = 2, 16, 8, (4, 4, 4), 40
     return args
+
+
+def print_by_op(result: dict[str, Any], top: int, unit: str) -> None:
+    """The `top` largest senders of one measurement, as a markdown table (nothing for top 0)."""
+    if top:
+        columns = {"kind": "collective", "dtype": "dtype", "op": "op", "gb": f"GB per device per {unit}"}
+        print(markdown_table(result["by_op"][:top], columns))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax  # after argument parsing: --help must not start a backend
 
     results = []
+    unit = "step" if args.program == "train" else "batch"
     for arch in args.archs:
         vocab = arch_vocab(arch)
         for mesh in args.meshes:
@@ -157,7 +235,26 @@ def main(argv: list[str] | None = None) -> int:
                     f"mesh {'x'.join(map(str, mesh))} needs more than the {jax.device_count()} devices here: run with "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu"
                 )
-            for optimizer in args.optimizers:
+            if args.program == "beam":
+                results.append(
+                    measure_beam(
+                        dict(
+                            arch=arch,
+                            mesh=mesh,
+                            optimizer="-",
+                            vocab=vocab,
+                            prompts_per_device=args.prompts_per_device,
+                            prompt_len=args.prompt_len,
+                            beams=args.beams,
+                            codebooks=args.codebooks,
+                            items=args.items,
+                            top_ops=max(args.by_op, 12),
+                        )
+                    )
+                )
+                print(f"{arch} {results[-1]['mesh']} beam search: compiled in {results[-1]['compile_s']:.1f} s")
+                print_by_op(results[-1], args.by_op, unit)
+            for optimizer in args.optimizers if args.program == "train" else ():
                 spec = dict(
                     arch=arch,
                     mesh=mesh,
@@ -176,16 +273,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{r['params_gib_per_device']:.3f} GiB, optimizer state {r['opt_state_gib_per_device']:.3f} GiB, "
                     f"temporaries {r['temp_gib_per_device']:.3f} GiB"
                 )
-                if args.by_op:
-                    print(markdown_table(r["by_op"][: args.by_op], {"kind": "collective", "dtype": "dtype", "op": "op",
-                                                                     "gb": "GB per device per step"}))  # fmt: skip
+                print_by_op(r, args.by_op, unit)
     rows = [
         {"arch": r["arch"], "mesh": r["mesh"], "optimizer": r["optimizer"], "part/kind": k, **v}
         for r in results
         for k, v in r["collectives"].items()
     ]
     print(markdown_table(rows, {"arch": "arch", "mesh": "mesh", "optimizer": "optimizer", "part/kind": "collective",
-                                "count": "per step", "gb": "GB per device per step"}))  # fmt: skip
+                                "count": f"per {unit}", "gb": f"GB per device per {unit}"}))  # fmt: skip
     write_json(args.out, {"benchmark": "step_collectives", "environment": host_environment(), "results": results})
     return 0
 

@@ -213,6 +213,29 @@ def constrain_table(table: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, *[None] * (table.ndim - 1)))
 
 
+@dataclass(frozen=True)
+class TableSplit:
+    """How a vocab table's rows and the batch are split under the abstract mesh being traced (`table_split`)."""
+
+    mesh: jax.sharding.AbstractMesh
+    rows: tuple[str, ...]
+    """Mesh axes (of size > 1) that split the table's rows, major first: `param_shardings`' split."""
+    batch: tuple[str, ...]
+    """Mesh axes that split the batch (`constrain_batch`'s)."""
+
+
+def table_split(rows: int) -> TableSplit | None:
+    """The split of a `rows`-row vocab table under the abstract mesh being traced (`traced_on`), or None where its
+    rows are whole on every device (no mesh, or no axis divides them)."""
+    mesh = _traced_mesh()
+    if mesh is None:
+        return None
+    axes = _table_rows(rows, mesh.shape["tp"], mesh.shape["fsdp"])
+    if axes is None:
+        return None
+    return TableSplit(mesh, (axes,) if isinstance(axes, str) else tuple(axes), _BATCH_WITHIN.get())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis over dp x fsdp; everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

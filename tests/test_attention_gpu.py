@@ -111,12 +111,12 @@ def test_cudnn_prefill_and_decode_equal_xla(model):
 
     @eqx.filter_jit
     def run(m: Qwen2):
-        logits, prefix = m.prefill(ids, positions, jnp.asarray(mask))
-        suffix, out = m.init_suffix_cache(3, num_beams, steps), [logits]
+        hidden, prefix = m.prefill(ids, positions, jnp.asarray(mask))
+        suffix, out = m.init_suffix_cache(3, num_beams, steps), [m.logits(hidden)]
         for t in range(steps):
             pos = jnp.broadcast_to(jnp.asarray(lengths + t, jnp.int32)[:, None], (3, num_beams))
-            step_logits, suffix = m.decode(tokens[t], pos, prefix, suffix)
-            out.append(step_logits)
+            hidden, suffix = m.decode(tokens[t], pos, prefix, suffix)
+            out.append(m.logits(hidden))
         return out
 
     for got, ref in zip(run(_with(model, "cudnn")), run(_with(model, "xla")), strict=True):

@@ -11,6 +11,7 @@ import pytest
 
 from sid.eval.beam import beam_search, sharded_beam_search
 from sid.eval.trie import build_trie
+from sid.hlo import hlo_collectives, partitioned_hlo
 from sid.mesh import MeshConfig, make_mesh, param_shardings
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab
@@ -170,3 +171,19 @@ def test_sharded_over_eight_devices_equals_single_device(setup, mesh_cfg, capfd)
     # Activations stay split by batch (sid.mesh.constrain_batch): with dp > 1 the partitioner used to shard some
     # of them by feature and fall back to replicating whole tensors where the two layouts met.
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(), MeshConfig(dp=2, fsdp=2, tp=2)], ids=["fsdp8", "dp2_fsdp2_tp2"])
+def test_sharded_search_never_gathers_the_head(setup, mesh_cfg):
+    # Each device scores its own rows of the vocab-split head (Qwen2.token_logprobs). Batch-split logits made the
+    # partitioner gather the whole head onto every device at the prefill and at every decoding step.
+    model, trie, _, ids, mask, _ = setup
+    mesh = make_mesh(mesh_cfg)
+    placed = jax.device_put(model, param_shardings(model, mesh))
+    search = sharded_beam_search(mesh, model, num_beams=trie.num_leaves)
+    _, hlo = partitioned_hlo(search.lower(placed, trie.tables, ids, mask))
+    rows, dim = model.head_weight().shape
+    gathers = [c for c in hlo_collectives(hlo) if c.kind == "all-gather"]
+    assert [c for c in gathers if "dot_general" in c.op]  # the layers' fsdp weight gathers
+    # (At this size the partitioner may gather the tied table for the input tokens' lookup, a `gather` op.)
+    assert not [c for c in gathers if rows in c.shape and dim in c.shape and "dot_general" in c.op]

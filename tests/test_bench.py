@@ -22,6 +22,7 @@ SCRIPTS = {
     "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
     "newton_schulz": ["bench/newton_schulz.py", "--tiny"],
     "collectives": ["bench/step_collectives.py", "--tiny"],
+    "beam_collectives": ["bench/step_collectives.py", "--tiny", "--program", "beam"],
 }
 TINY_VOCAB = 1000  # train_throughput's tiny vocab (padded to 1024 rows)
 SHAKESPEARE_CHARS = 65
@@ -225,6 +226,19 @@ def test_step_collectives(results):
     forward_weights = r"jvp\(\)/(eval_jaxpr/)?(dot_general|transpose)$"
     assert {dtype for kind, dtype, op in top if kind == "all-gather" and re.search(forward_weights, op)} == {"bf16"}
     assert any(kind == "all-reduce" and dtype == "f32" and op.endswith("->oi/dot_general") for kind, dtype, op in top)
+
+
+def test_beam_search_collectives(results):
+    record, stdout, _ = results["beam_collectives"]
+    assert [r["mesh"] for r in record["results"]] == ["1x2x1", "1x1x2"]
+    for r in record["results"]:
+        assert set(r["collectives"]) <= {f"search/{k}" for k in ("all-gather", "all-reduce", "all-to-all")}
+        groups = {(g["kind"], g["dtype"], g["op"]) for g in r["by_op"]}
+        # The head is never gathered for the logits (the head matmul is `...d,vd->...v`); the devices holding its
+        # rows combine their partial logsumexps and picked logits in f32 instead.
+        assert not [op for kind, _, op in groups if kind == "all-gather" and "->...v" in op], groups
+        assert any(kind == "all-reduce" and dtype == "f32" for kind, dtype, _ in groups), groups
+    assert "| tiny | 1x2x1 | - | search/all-gather |" in stdout
 
 
 def test_collectives_summed_per_step_and_grouped_by_op(monkeypatch):

@@ -115,15 +115,15 @@ def test_cached_greedy_decoding_matches_generate(checkpoints):
             do_sample=False,
             pad_token_id=0,
         )[:, ids.shape[1] :].numpy()
-    logits, prefix = eqx.filter_jit(Qwen2.prefill)(
+    hidden, prefix = eqx.filter_jit(Qwen2.prefill)(
         model, jnp.asarray(ids, jnp.int32), jnp.asarray(positions, jnp.int32), jnp.asarray(mask, bool)
     )
     suffix, lengths, tokens = model.init_suffix_cache(3, 1, steps), mask.sum(1), []
     step = eqx.filter_jit(Qwen2.decode)
     for t in range(steps):
-        token = jnp.argmax(logits.reshape(3, -1), axis=-1).astype(jnp.int32)
+        token = jnp.argmax(model.logits(hidden).reshape(3, -1), axis=-1).astype(jnp.int32)
         tokens.append(np.asarray(token))
-        logits, suffix = step(model, token[:, None], jnp.asarray(lengths + t, jnp.int32)[:, None], prefix, suffix)
+        hidden, suffix = step(model, token[:, None], jnp.asarray(lengths + t, jnp.int32)[:, None], prefix, suffix)
     np.testing.assert_array_equal(np.stack(tokens, axis=1), expected)
 
 

@@ -1,5 +1,6 @@
 """The layers' hand-written VJPs: Linear's weight and bias gradients come out unrounded in float32, and a lookup in a
-vocab table split over devices sends bfloat16 but scatters its gradient in float32."""
+vocab table split over devices sends bfloat16 but scatters its gradient in float32. Log-probabilities over a vocab
+table split over devices equal an exact log-softmax."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sid.mesh import MeshConfig, batch_sharding, make_mesh, traced_on
-from sid.models.layers import Embedding, Linear, _affine, scan_layers
+from sid.mesh import MeshConfig, batch_sharding, make_mesh, table_split, traced_on
+from sid.models.layers import Embedding, Linear, _affine, scan_layers, vocab_logprobs
 
 
 def linear_and_cotangent(dtype, *, bias: bool, seed: int = 0):
@@ -109,3 +110,37 @@ def test_lookup_in_a_split_table_equals_one_device_and_accumulates_in_float32():
     np.add.at(want, ids.reshape(-1), np.asarray(weights.astype(jnp.bfloat16), np.float64).reshape(-1, 16))
     np.testing.assert_allclose(grad.weight, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad.weight, grad_single.weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mesh_cfg", "rows", "split_rows"),
+    [
+        (MeshConfig(fsdp=8), 48, ("fsdp",)),  # 6 rows per device; ids >= 40 are invalid: the last device has none
+        (MeshConfig(dp=2, fsdp=2, tp=2), 48, ("tp", "fsdp")),
+        (MeshConfig(fsdp=4, tp=2), 52, ("tp",)),  # 8 does not divide 52: tp splits the rows, fsdp only the batch
+        (MeshConfig(fsdp=8), 44, None),  # no axis divides the rows: every device holds all of them
+    ],
+    ids=["fsdp8", "dp2_fsdp2_tp2", "tp_rows_only", "rows_whole"],
+)
+def test_vocab_logprobs_over_a_split_table_equal_an_exact_log_softmax(mesh_cfg, rows, split_rows):
+    valid = 40
+    kh, kt = jax.random.split(jax.random.key(0))
+    hidden = jax.random.normal(kh, (8, 3, 16), jnp.float32)
+    table = jax.random.normal(kt, (rows, 16), jnp.float32)
+    tokens = jnp.asarray([0, 5, 6, 11, 12, 23, 24, 39, 40, rows - 1], jnp.int32)  # shard edges, and invalid ids
+    logits = np.einsum("btd,vd->btv", np.asarray(hidden, np.float64), np.asarray(table, np.float64))[..., :valid]
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.where(np.asarray(tokens) < valid, logits[..., np.minimum(np.asarray(tokens), valid - 1)], -np.inf)
+    want = picked - lse[..., None]
+
+    def fn(hidden, table, tokens):
+        return vocab_logprobs(hidden, table, tokens, valid_vocab=valid)
+
+    np.testing.assert_allclose(jax.jit(fn)(hidden, table, tokens), want, rtol=0, atol=1e-5)
+    mesh = make_mesh(mesh_cfg)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        split = table_split(rows)
+    assert (split and split.rows) == split_rows
+    got = jax.jit(traced_on(mesh, fn), in_shardings=(batch_sharding(mesh), None, None))(hidden, table, tokens)
+    assert len(got.sharding.device_set) == 8
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -37,8 +37,16 @@ def forward_logits(model: Qwen2, ids, positions, segments):
     return model.logits(model(ids, positions, segments))
 
 
-prefill = eqx.filter_jit(lambda m, ids, pos, mask: m.prefill(ids, pos, mask))
-decode = eqx.filter_jit(lambda m, tok, pos, prefix, suffix: m.decode(tok, pos, prefix, suffix))
+@eqx.filter_jit
+def prefill(m, ids, pos, mask):
+    hidden, prefix = m.prefill(ids, pos, mask)
+    return m.logits(hidden), prefix
+
+
+@eqx.filter_jit
+def decode(m, tok, pos, prefix, suffix):
+    hidden, suffix = m.decode(tok, pos, prefix, suffix)
+    return m.logits(hidden), suffix
 
 
 def _row(*parts):

@@ -38,12 +38,6 @@ class BeamOutput(NamedTuple):
     """Trie leaf of each beam (``SidTrie.sids[leaf]``, ``SidTrie.leaf_items[leaf]``); -1 on invalid beams."""
 
 
-def _code_logprobs(logits: Float[Array, "batch beams vocab"], codes: Int[Array, " codes"]) -> Float[Array, "..."]:
-    """Log-softmax over the full vocab (f32), read at this step's candidate tokens only."""
-    logits = logits.astype(jnp.float32)
-    return jnp.take(logits, codes, axis=-1) - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-
-
 def beam_search(
     model: Qwen2,
     trie: TrieTables,
@@ -63,7 +57,7 @@ def beam_search(
     mask = mask.astype(bool)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
     prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)
-    last_logits, prefix = model.prefill(input_ids, positions, mask)
+    last_hidden, prefix = model.prefill(input_ids, positions, mask)
     # Every token but the last end token is fed back: depth SID tokens + all end tokens but EOS.
     suffix = model.init_suffix_cache(batch, k, steps - 1)
 
@@ -81,14 +75,14 @@ def beam_search(
     def step(carry, t):
         score, node, cand, seq, suffix = carry
         score, node, seq, parent = select(t, score, node, cand, seq)
-        logits, suffix = model.decode(seq[:, :, t], prompt_len[:, None] + t, prefix, suffix.reorder(parent))
-        cand = _code_logprobs(logits, trie.codes[t + 1])
+        hidden, suffix = model.decode(seq[:, :, t], prompt_len[:, None] + t, prefix, suffix.reorder(parent))
+        cand = model.token_logprobs(hidden, trie.codes[t + 1])
         return (score, node, cand, seq, suffix), None
 
     # Only beam 0 is live at the start, so step 0 expands the prompt once instead of K identical times.
     score = jnp.full((batch, k), -jnp.inf, jnp.float32).at[:, 0].set(0.0)
     node = jnp.zeros((batch, k), jnp.int32)
-    cand = jnp.broadcast_to(_code_logprobs(last_logits[:, None, :], trie.codes[0]), (batch, k, width))
+    cand = jnp.broadcast_to(model.token_logprobs(last_hidden[:, None, :], trie.codes[0]), (batch, k, width))
     seq = jnp.zeros((batch, k, steps), jnp.int32)
     (score, node, cand, seq, _), _ = jax.lax.scan(
         step, (score, node, cand, seq, suffix), jnp.arange(steps - 1, dtype=jnp.int32)

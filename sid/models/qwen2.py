@@ -11,7 +11,9 @@ padding (segment 0), and cached decoding.
 
 Generation: `prefill` runs the (left-padded) prompts once and returns a `PrefixCache`; `decode` runs K continuations
 ("beams") per prompt one token at a time. The beams share the prompt's KV and each has a small `SuffixCache` slot
-array, so beam search reorders beams by gathering only that small suffix (`SuffixCache.reorder`).
+array, so beam search reorders beams by gathering only that small suffix (`SuffixCache.reorder`). Both return
+hidden states: `logits` maps them to the whole vocab, `token_logprobs` to the log-probabilities of the few tokens a
+trie allows, without gathering the head onto every device under a mesh.
 
 Vocab: the embedding (and an untied head) may have more rows than real tokens (Qwen's checkpoint has 151,936 rows
 for ~151.6k tokens; padding to a mesh-friendly multiple adds more). `valid_vocab` is the number of real tokens and
@@ -40,6 +42,7 @@ from sid.models.layers import (
     check_scan_unroll,
     rope_cos_sin,
     scan_layers,
+    vocab_logprobs,
 )
 
 SHARED_SEGMENT = -1
@@ -231,7 +234,8 @@ def _resolve_config(cfg: ModelConfig) -> ModelConfig:
 
 
 class Qwen2(eqx.Module):
-    """Qwen2 causal LM: `__call__` gives final hidden states, `logits` maps them to the vocab."""
+    """Qwen2 causal LM: `__call__` gives final hidden states, `logits` maps them to the vocab (and
+    `token_logprobs` to the log-probabilities of a few tokens)."""
 
     embed: Embedding
     layers: Qwen2Layer
@@ -309,9 +313,10 @@ class Qwen2(eqx.Module):
     def logits(self, hidden: Float[Array, "... embed"]) -> Float[Array, "... vocab"]:
         """float32 logits, -inf at ids >= valid_vocab (padding and unused rows are never produced).
 
-        Under a mesh (beam search), the logits stay split by batch over (dp, fsdp) like the hidden states: left
-        to itself, XLA 0.11's Shardy partitioner splits this matmul's batch over dp only (the fsdp axis goes to the
-        vocab rows of the head) and then fails a check when resharding the hidden states (dp > 1 crashed)."""
+        Under a mesh the logits stay split by batch over (dp, fsdp) like the hidden states, which gathers the whole
+        head onto every device (`token_logprobs` does not): left to itself, XLA 0.11's Shardy partitioner splits
+        this matmul's batch over dp only (the fsdp axis goes to the vocab rows of the head) and then fails a check
+        when resharding the hidden states (dp > 1 crashed)."""
         w = self.head_weight().astype(hidden.dtype)
         out = jnp.einsum("...d,vd->...v", constrain_batch(hidden), w, preferred_element_type=jnp.float32)
         out = constrain_batch(out)
@@ -319,18 +324,23 @@ class Qwen2(eqx.Module):
             out = jnp.where(jnp.arange(out.shape[-1]) < self.valid_vocab, out, -jnp.inf)
         return out
 
+    def token_logprobs(self, hidden: Float[Array, "batch *rest embed"], tokens: Int[Array, " n"]) -> Array:
+        """float32 log-probabilities (log-softmax over the valid vocab) of `tokens` only: [batch, *rest, n].
+        Under a mesh no device gathers the head (`sid.models.layers.vocab_logprobs`), as beam search needs."""
+        return vocab_logprobs(hidden, self.head_weight(), tokens, valid_vocab=self.valid_vocab)
+
     def prefill(
         self, input_ids: Int[Array, "batch seq"], positions: Int[Array, "batch seq"], mask: Bool[Array, "batch seq"]
-    ) -> tuple[Float[Array, "batch vocab"], PrefixCache]:
-        """Run left-padded prompts (mask False on pads); return the logits at the last position L-1 of every row
-        and the prompts' KV cache."""
+    ) -> tuple[Float[Array, "batch embed"], PrefixCache]:
+        """Run left-padded prompts (mask False on pads); return the hidden state at the last position L-1 of every
+        row (`logits` or `token_logprobs` map it to the vocab) and the prompts' KV cache."""
         segments = mask.astype(jnp.int32)
         order = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         attn_mask = attention_mask(segments, order, segments, order)
         hidden, (k, v) = self._trunk(
             input_ids, positions, lambda _, q, k, v: (self._attend(q, k, v, attn_mask), (k, v)), None, "none"
         )
-        return self.logits(hidden[:, -1]), PrefixCache(k, v, mask)
+        return hidden[:, -1], PrefixCache(k, v, mask)
 
     def init_suffix_cache(self, batch: int, num_beams: int, max_new: int) -> SuffixCache:
         """An empty suffix cache for `num_beams` continuations of up to `max_new` tokens per prompt."""
@@ -345,10 +355,11 @@ class Qwen2(eqx.Module):
         positions: Int[Array, "batch beams"],
         prefix: PrefixCache,
         suffix: SuffixCache,
-    ) -> tuple[Float[Array, "batch beams vocab"], SuffixCache]:
+    ) -> tuple[Float[Array, "batch beams embed"], SuffixCache]:
         """One generation step for K beams per prompt: write each beam's token KV at slot `suffix.length` and
-        attend to the prompt's KV plus the beam's own earlier slots. Returns float32 logits and the cache with
-        length + 1. `positions` are each token's position id (the prompt's real length + step)."""
+        attend to the prompt's KV plus the beam's own earlier slots. Returns the hidden states (for `logits` or
+        `token_logprobs`) and the cache with length + 1. `positions` are each token's position id (the prompt's
+        real length + step)."""
         b, num_beams = tokens.shape
         max_new, slot = suffix.k.shape[3], suffix.length
         # Queries are the K beams (query axis = beams); keys are the prompt (shared) then every beam's slots
@@ -374,7 +385,7 @@ class Qwen2(eqx.Module):
             return self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask), (sk, sv)
 
         hidden, (sk, sv) = self._trunk(tokens, positions, attend, (prefix.k, prefix.v, suffix.k, suffix.v), "none")
-        return self.logits(hidden), SuffixCache(sk, sv, slot + 1)
+        return hidden, SuffixCache(sk, sv, slot + 1)
 
 
 def _with_vocab(model: Qwen2, embed: Array, head: Array | None, valid_vocab: int) -> Qwen2:
