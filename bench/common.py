@@ -30,6 +30,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     # From the HF config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-1.5B (both tie the head to the embedding).
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2),
+    # A CPU-sized trunk under Qwen's vocab: the head and the loss take most of its step, so a CPU can measure them.
+    "small": dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2),
     # CPU smoke size: exercises every code path in seconds.
     "tiny": dict(hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4, num_kv_heads=2),
 }

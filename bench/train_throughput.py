@@ -2,10 +2,12 @@
 Qwen2.5-0.5B / 1.5B architectures, with AdamW and the Muons, and of `transformers` + torch on the same shapes.
 
 Measured per configuration, each in a fresh process: real (non-padding) tokens/s over timed steps after warmup,
-MFU (sid.models.build.flops_per_token over sid.trainer.peak_flops_per_device), compile time of the first step,
-peak device memory. Rows are packed full with synthetic token ids (random segment lengths, positions restarting
-per segment, the last token of each segment unsupervised), so every token is real; random init, vocab = Qwen2.5's
-151,665 tokens + Industrial's 560 SID tokens, padded to a multiple of 128.
+MFU (sid.models.build.train_flops over sid.trainer.peak_flops_per_device: the head's FLOPs count for supervised
+tokens only, as the loss computes it), compile time of the first step, peak device memory. Rows are packed full
+with synthetic token ids (random segment lengths, positions restarting per segment), so every token is real. By
+default every token but the last of each segment is supervised; `--supervised-fraction 0.17` supervises only the
+tail of each segment, as SFT supervises only completions (17% of the seed recipe's tokens). Random init, vocab =
+Qwen2.5's 151,665 tokens + Industrial's 560 SID tokens, padded to a multiple of 128.
 
 The torch baseline is `transformers.Qwen2ForCausalLM` with float32 params under bf16 autocast (as HF Trainer's
 `bf16=True`), torch AdamW (fused on GPU), gradient checkpointing iff remat != none, and the same token ids as one
@@ -46,8 +48,9 @@ LEARNING_RATES = {"adamw": (3e-4, 3e-4), "muon_local": (3e-3, 3e-4), "muon_optax
 """(learning rate, aux learning rate) of the seed recipes; speed does not depend on them."""
 
 
-def packed_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
-    """Rows packed full with random-length segments of random token ids: the trainer's batch format."""
+def packed_batch(rows: int, seq: int, vocab: int, seed: int, supervised: float = 1.0) -> dict[str, np.ndarray]:
+    """Rows packed full with random-length segments of random token ids: the trainer's batch format. Each segment
+    supervises its last `supervised` fraction of next-token targets (at least one), like a prompt + completion."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (rows, seq), dtype=np.int32)
     positions = np.zeros((rows, seq), np.int32)
@@ -60,7 +63,8 @@ def packed_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, np.nda
             end = start + n
             positions[r, start:end] = np.arange(n)
             segments[r, start:end] = seg
-            targets[r, start : end - 1] = ids[r, start + 1 : end]
+            first = end - 1 - min(n - 1, max(1, round(supervised * (n - 1))))
+            targets[r, first : end - 1] = ids[r, first + 1 : end]
             start, seg = end, seg + 1
     return {"input_ids": ids, "positions": positions, "segment_ids": segments, "targets": targets}
 
@@ -72,7 +76,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
 
     import sid.loss
     from sid.mesh import MeshConfig, make_mesh
-    from sid.models.build import flops_per_token
+    from sid.models.build import train_flops
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
@@ -103,12 +107,14 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     del model  # the sharded state holds the params now
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
-    fpt = flops_per_token(eqx.combine(state.params, static), spec["seq"])
+    flops = train_flops(eqx.combine(state.params, static), spec["seq"])
 
     step = make_train_step(
         static, sft_loss, optimizer, accum=spec["accum"], mesh=mesh, state_sharding=sharding, lr_schedule=lr
     )
-    batch = to_global(packed_batch(spec["rows"], spec["seq"], spec["vocab"], spec["seed"]), mesh)
+    batch = to_global(
+        packed_batch(spec["rows"], spec["seq"], spec["vocab"], spec["seed"], spec["supervised_fraction"]), mesh
+    )
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
@@ -140,6 +146,8 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
         print(markdown_table(kernels[:30], {"ms_per_step": "ms/step", "calls_per_step": "calls", "name": "kernel"}))
 
     tokens = int(metrics["tokens"])  # the trainer's count of non-padding tokens in the step
+    targets = int(metrics["supervised_tokens"])
+    step_flops = flops(tokens, targets)
     peak = peak_flops_per_device()
     n_devices = mesh.devices.size
     return {
@@ -152,10 +160,11 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
         "first_step_s": first_step_s,
         "step_s": step_s,
         "real_tokens_per_step": tokens,
+        "supervised_tokens_per_step": targets,
         "tokens_per_s": tokens / step_s,
-        "flops_per_token": fpt,
+        "flops_per_token": step_flops / tokens,
         "peak_flops": peak * n_devices if peak else None,
-        "mfu": tokens / step_s * fpt / (peak * n_devices) if peak else None,
+        "mfu": step_flops / step_s / (peak * n_devices) if peak else None,
         "first_loss": first_loss,
         "last_loss": float(metrics["loss"]),
         **jax_memory(compiled),
@@ -190,16 +199,20 @@ def measure_torch(spec: dict[str, Any]) -> dict[str, Any]:
         fused=device == "cuda",
     )
     forward = torch.compile(model) if spec["torch_compile"] else model
-    ids = torch.from_numpy(packed_batch(spec["rows"], spec["seq"], spec["vocab"], spec["seed"])["input_ids"])
-    micro = ids.long().to(device).chunk(spec["accum"])
+    batch = packed_batch(spec["rows"], spec["seq"], spec["vocab"], spec["seed"], spec["supervised_fraction"])
+    ids = torch.from_numpy(batch["input_ids"]).long()
+    # HF shifts labels itself: label t is the token at t, predicted at t - 1 where our target t - 1 is supervised.
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:] = torch.where(torch.from_numpy(batch["targets"][:, :-1]) >= 0, ids[:, 1:], -100)
+    micro = list(zip(ids.to(device).chunk(spec["accum"]), labels.to(device).chunk(spec["accum"]), strict=True))
     sync()
     init_s = time.perf_counter() - t0
 
     def step() -> torch.Tensor:
         total = torch.zeros((), device=device)
-        for x in micro:
+        for x, y in micro:
             with torch.autocast(device_type=device, dtype=torch.bfloat16):
-                loss = forward(input_ids=x, labels=x).loss / len(micro)
+                loss = forward(input_ids=x, labels=y).loss / len(micro)
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -266,7 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--out", default="runs/bench/train_throughput.json", help="JSON results path")
-    p.add_argument("--archs", type=csv, default=["0.5b", "1.5b"], help="architectures: 0.5b, 1.5b, tiny")
+    p.add_argument("--archs", type=csv, default=["0.5b", "1.5b"], help="architectures: 0.5b, 1.5b, small, tiny")
     p.add_argument(
         "--seqs",
         type=lambda s: [int(x) for x in csv(s)],
@@ -277,6 +290,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokens-per-step", type=int, default=16384, help="rows per step = this / seq (unless --rows)")
     p.add_argument("--rows", type=int, default=0, help="rows per optimizer step (global); 0: from --tokens-per-step")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (seed: 16 rows x 8 per device)")
+    p.add_argument(
+        "--supervised-fraction",
+        type=float,
+        default=1.0,
+        help="supervised share of each segment's targets (its tail); 0.17: the seed recipe's SFT mix",
+    )
     p.add_argument(
         "--remat", default="dots", choices=["none", "full", "dots"], help="dots: 1.5B at 16k tokens fits 80 GB"
     )
@@ -312,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU smoke: tiny model, seq 64, 4 rows, 2 timed steps")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not 0 < args.supervised_fraction <= 1:
+        p.error(f"--supervised-fraction must be in (0, 1], got {args.supervised_fraction}")
     if args.tiny:
         args.archs, args.seqs, args.rows, args.steps, args.warmup = ["tiny"], [64], 4, 2, 1
         args.torch = "on" if args.torch == "auto" else args.torch
@@ -339,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 warmup=args.warmup,
                 seed=args.seed,
+                supervised_fraction=args.supervised_fraction,
             )
             specs += [
                 dict(

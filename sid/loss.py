@@ -7,6 +7,9 @@ not once in the forward and again in the backward, which saves one [tokens, voca
 head's FLOPs. d(loss)/d(logits) = softmax - onehot is formed in f32 and cast to the compute dtype before the two
 gradient matmuls (f32 operands there would make them the slowest matmuls of a training step). Without
 differentiation (held-out loss) only the loss is computed.
+
+Only tokens with a target need the head at all, and in SFT those are the completions, a sixth of the tokens. Each
+device's tokens are reordered supervised-first, and chunks past the last supervised token are skipped by a branch.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
+
+from sid.mesh import batch_split, replicas_max
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 30
@@ -31,9 +36,9 @@ def chunk_size(num_tokens: int, vocab: int) -> int:
 
 
 def cross_entropy_sum(
-    hidden: Float[Array, "... d"],
+    hidden: Float[Array, "rows ... d"],
     head: Float[Array, "v d"],
-    targets: Int[Array, "..."],
+    targets: Int[Array, "rows ..."],
     *,
     valid_vocab: int,
     compute_dtype=jnp.bfloat16,
@@ -43,65 +48,101 @@ def cross_entropy_sum(
     Logits are `hidden @ head.T` in `compute_dtype` with f32 accumulation; ids >= valid_vocab are excluded
     from the softmax (padded vocab rows can never be predicted). Gradients flow to `hidden` and `head`
     (d(head) accumulated in f32 over the chunks).
+
+    Only chunks that hold a supervised token are computed. Each group of rows that one device holds (`batch_split`)
+    puts its supervised tokens first (a stable sort: a permutation of the hidden states, undone in the backward
+    pass), and the chunk loop skips the chunks past the last one any group needs. In SFT only the completions
+    are supervised (17% of the seed recipe's tokens), so most of the head's matmuls and the softmax passes over
+    prompt tokens are skipped. Skipped tokens contribute exactly zero to the loss and the gradients anyway.
     """
-    d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
-    t = targets.reshape(-1)
-    n, v = h.shape[0], head.shape[0]
-    c = chunk_size(n, v)
+    d, v = hidden.shape[-1], head.shape[0]
+    groups = batch_split()
+    if hidden.shape[0] % groups:
+        groups = 1
+    h = hidden.reshape(groups, -1, d)
+    t = targets.reshape(groups, -1)
+    per_group = h.shape[1]
+    m = chunk_size(per_group, v * groups)  # tokens per group in a chunk: the element budget holds for all groups
+    num_chunks = per_group // m
+
+    order = jnp.argsort(t < 0, axis=1, stable=True)
+    h = _permute(h, order)
+    t = jnp.take_along_axis(t, order, axis=1, mode="promise_in_bounds")
+    # Chunks to compute: the same on every device (a max over all groups, dp replicas included), so the chunk loop's
+    # branch stays a branch, not a select of both sides.
+    needed = replicas_max((jnp.max((t >= 0).sum(1)) + m - 1) // m)
+
+    def chunks_of(x):
+        # Chunk k holds tokens [k*m, (k+1)*m) of every group: each chunk's matmuls stay split over the devices by
+        # group. (Contiguous chunks of the flat tokens would each lie on one or two devices, and the partitioner
+        # gathered every device's hidden states onto every device to slice out each chunk: 1.5B on fsdp8, 26 GB
+        # per device per step.)
+        x = x.reshape(groups, num_chunks, m, *x.shape[2:]).swapaxes(0, 1)
+        return x.reshape(num_chunks, groups * m, *x.shape[3:])
 
     # (Defined here so they close over Python constants only: a custom_vjp function may not close over tracers.)
     def logits_of(hc, w):
         logits = jnp.dot(hc.astype(compute_dtype), w.T, preferred_element_type=jnp.float32)
         return jnp.where(jnp.arange(v) < valid_vocab, logits, -jnp.inf)
 
-    def chunks_of(h, t):
-        # Chunk k holds tokens k, k + n/c, k + 2n/c, ...: a slice of every device's rows when the tokens are split
-        # over devices in contiguous blocks (batch rows), so each chunk's matmuls stay split by token. Contiguous
-        # chunks would each lie on one or two devices, and the partitioner gathered every device's hidden states
-        # onto every device to slice out each chunk (1.5B on fsdp8: 26 GB per device per step).
-        return h.reshape(c, n // c, d).swapaxes(0, 1), t.reshape(c, n // c).T
-
-    def unchunk(dh):
-        return dh.swapaxes(0, 1).reshape(n, d)
-
-    def loss_only(h, head, t):
+    def loss_only(hc, head, tc, needed):
         w = head.astype(compute_dtype)  # cast once, outside the chunk loop
 
         def body(total, xs):
-            hc, tc = xs
-            return total + _nll(logits_of(hc, w), tc)[0], None
+            k, x, tt = xs
+            return jax.lax.cond(k < needed, lambda: total + _nll(logits_of(x, w), tt)[0], lambda: total), None
 
-        return jax.lax.scan(body, jnp.zeros((), jnp.float32), chunks_of(h, t))[0]
+        return jax.lax.scan(body, jnp.zeros((), jnp.float32), (jnp.arange(num_chunks), hc, tc))[0]
 
     @jax.custom_vjp
-    def total_loss(h, head, t):
-        return loss_only(h, head, t)
+    def total_loss(hc, head, tc, needed):
+        return loss_only(hc, head, tc, needed)
 
-    def total_loss_fwd(h, head, t):
+    def total_loss_fwd(hc, head, tc, needed):
         w = head.astype(compute_dtype)
 
-        def body(carry, xs):
+        def chunk(carry, x, tt):
             total, dhead = carry
-            hc, tc = xs
-            logits = logits_of(hc, w)
-            loss, lse = _nll(logits, tc)
-            onehot = jnp.arange(v)[None, :] == tc[:, None]
-            dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * (tc >= 0)[:, None]).astype(compute_dtype)
-            dh = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(h.dtype)
-            dhead = dhead + jnp.dot(dlogits.T, hc.astype(compute_dtype), preferred_element_type=jnp.float32)
+            logits = logits_of(x, w)
+            loss, lse = _nll(logits, tt)
+            onehot = jnp.arange(v)[None, :] == tt[:, None]
+            dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * (tt >= 0)[:, None]).astype(compute_dtype)
+            dh = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)
+            dhead = dhead + jnp.dot(dlogits.T, x.astype(compute_dtype), preferred_element_type=jnp.float32)
             return (total + loss, dhead), dh
 
+        def body(carry, xs):
+            k, x, tt = xs
+            return jax.lax.cond(k < needed, chunk, lambda c, x, _: (c, jnp.zeros_like(x)), carry, x, tt)
+
         init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
-        (total, dhead), dh = jax.lax.scan(body, init, chunks_of(h, t))
-        return total, (unchunk(dh), dhead)
+        (total, dhead), dh = jax.lax.scan(body, init, (jnp.arange(num_chunks), hc, tc))
+        return total, (dh, dhead)
 
     def total_loss_bwd(res, g):
         dh, dhead = res
-        return (g * dh).astype(dh.dtype), (g * dhead).astype(head.dtype), None
+        return (g * dh).astype(dh.dtype), (g * dhead).astype(head.dtype), None, None
 
     total_loss.defvjp(total_loss_fwd, total_loss_bwd)
-    return total_loss(h, head, t), (t >= 0).sum()
+    return total_loss(chunks_of(h), head, chunks_of(t), needed), (t >= 0).sum()
+
+
+@jax.custom_vjp
+def _permute(x: Float[Array, "g n d"], order: Int[Array, "g n"]) -> Float[Array, "g n d"]:
+    """`x[g, order[g, i]]` for a permutation `order` of each group; the backward pass gathers by the inverse
+    permutation (autodiff's transpose of a gather would be a scatter-add)."""
+    return jnp.take_along_axis(x, order[..., None], axis=1, mode="promise_in_bounds")
+
+
+def _permute_fwd(x, order):
+    return _permute(x, order), order
+
+
+def _permute_bwd(order, g):
+    return _permute(g, jnp.argsort(order, axis=1)), None
+
+
+_permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 def _nll(logits: Float[Array, "c v"], targets: Int[Array, " c"]) -> tuple[Float[Array, ""], Float[Array, " c"]]:

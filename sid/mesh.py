@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -148,13 +149,20 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
 @contextlib.contextmanager
 def per_replica():
-    """Trace one dp replica's rows, under `jax.vmap(..., spmd_axis_name="dp")` over the replicas: the models' rows
-    split over fsdp alone, and the vmap puts the replica axis on dp."""
+    """Trace one dp replica's rows, under `jax.vmap(..., axis_name="dp", spmd_axis_name="dp")` over the replicas: the
+    models' rows split over fsdp alone, and the vmap puts the replica axis on dp."""
     token = _BATCH_WITHIN.set(tuple(a for a in BATCH_AXES if a != "dp"))
     try:
         yield
     finally:
         _BATCH_WITHIN.reset(token)
+
+
+def replicas_max(x: jax.Array) -> jax.Array:
+    """`x`'s max over the dp replicas while tracing one replica's rows (`per_replica`); else `x`. A value all replicas
+    agree on, such as a loop bound, keeps a `lax.cond` on it a branch: on a per-replica value `vmap` turns the cond
+    into a select that computes both sides."""
+    return jax.lax.pmax(x, "dp") if _BATCH_WITHIN.get() != BATCH_AXES else x
 
 
 def _traced_mesh():
@@ -167,6 +175,13 @@ def param_split() -> int:
     """How many ways the params are split (fsdp x tp) under the current abstract mesh; 1 outside one."""
     mesh = _traced_mesh()
     return 1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tp"]
+
+
+def batch_split() -> int:
+    """How many ways `constrain_batch` splits rows under the current abstract mesh (dp x fsdp, or fsdp alone inside
+    `per_replica`); 1 outside one."""
+    mesh = _traced_mesh()
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _BATCH_WITHIN.get())
 
 
 def split_by_layer(x: jax.Array) -> jax.Array:

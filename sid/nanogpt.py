@@ -24,7 +24,7 @@ from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import check_output_dir, fit, make_optimizer, to_global
+from sid.trainer import TrainFlops, check_output_dir, fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
 
@@ -42,10 +42,12 @@ def gpt_loss(model: GPT, batch, key):
     )
 
 
-def flops_per_token(model: GPT) -> float:
-    """Karpathy's estimate: 6N for the matmuls (position embeddings excluded) + 12·L·D·T for attention."""
+def train_flops(model: GPT) -> TrainFlops:
+    """Karpathy's estimate, 6N for the matmuls (position embeddings excluded) + 12·L·D·T for attention, with the
+    tied head's 6 x vocab x D counted per supervised token (here every token but none of the padding)."""
     c = model.config
-    return 6.0 * model.num_params() + 12.0 * c.n_layer * c.n_embd * c.block_size
+    head = 6.0 * model.head_weight().size
+    return TrainFlops(6.0 * model.num_params() - head + 12.0 * c.n_layer * c.n_embd * c.block_size, head)
 
 
 def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int, mesh):
@@ -146,7 +148,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
         mesh=mesh,
         run=run,
         tracker=tracker,
-        flops_per_token=flops_per_token(model),
+        flops=train_flops(model),
         eval_loss=eval_loss,
         on_eval=keep_best,
     )

@@ -24,7 +24,7 @@ from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
 from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning, traced_on
-from sid.models.build import build_model, flops_per_token, num_params, token_extension
+from sid.models.build import build_model, num_params, token_extension, train_flops
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
@@ -153,7 +153,7 @@ def run_train(job: TrainJob) -> dict:
         mesh=mesh,
         run=run,
         tracker=tracker,
-        flops_per_token=flops_per_token(model, job.data.max_len),
+        flops=train_flops(model, job.data.max_len),
         eval_loss=make_eval_loss(job, tok, mesh, run.path) if job.train.eval_loss_every else None,
     )
     train.update(effective_batch_size=global_rows, steps_per_epoch=plan.steps_per_epoch)

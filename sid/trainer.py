@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import equinox as eqx
 import jax
@@ -65,6 +65,18 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN/Inf; training stopped and the last good checkpoint was kept."""
 
 
+class TrainFlops(NamedTuple):
+    """Model FLOPs of training, as MFU counts them: `per_token` for every real token (the layers' matmuls and
+    attention), and `per_target` more for each supervised token (the head's matmul, which the loss computes only for
+    those: sid.loss). With every token supervised that is the usual 6N + attention per token."""
+
+    per_token: float
+    per_target: float
+
+    def __call__(self, tokens: float, targets: float) -> float:
+        return self.per_token * tokens + self.per_target * targets
+
+
 _PEAK_FLOPS = {  # dense bf16 per device
     "h100": 989e12,
     "h200": 989e12,
@@ -101,6 +113,7 @@ def _accumulate(static, loss_fn: LossFn, params, batch, key, accum: int, mesh: M
         with per_replica():
             sums = jax.vmap(
                 lambda rows, k: _accumulate_rows(static, loss_fn, params, rows, k, accum, param_specs),
+                axis_name="dp",  # for `replicas_max`
                 spmd_axis_name="dp",  # every sharding constraint inside splits the replica axis over dp
             )(replica_rows, jax.random.split(key, dp))
         with jax.named_scope("dp_gradient_sum"):
@@ -289,7 +302,7 @@ def fit(
     mesh: Mesh,
     run: RunDir,
     tracker: Tracker,
-    flops_per_token: float = 0.0,
+    flops: TrainFlops | None = None,
     eval_loss: Callable[[Any, int], float] | None = None,
     on_eval: Callable[[int, float, Any], None] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
@@ -322,7 +335,7 @@ def fit(
     summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * accum, "start_step": start}
     compiled: dict[tuple, Any] = {}
     compile_s = 0.0
-    tokens_done, timed_s, timed_steps, last_loss = 0, 0.0, 0, float("nan")
+    tokens_done, targets_done, timed_s, timed_steps, last_loss = 0, 0, 0.0, 0, float("nan")
     pending = None  # (step, metrics) of the previous step, fetched one step late to keep dispatch async
     last_saved = start if start else None
     bar = None
@@ -339,7 +352,7 @@ def fit(
         last_saved = step_done
 
     def finish_pending() -> None:
-        nonlocal pending, tokens_done, timed_s, timed_steps, last_loss, t_last
+        nonlocal pending, tokens_done, targets_done, timed_s, timed_steps, last_loss, t_last
         if pending is None:
             return
         step_done, metrics = pending
@@ -358,10 +371,11 @@ def fit(
         n_tok = int(m["tokens"])
         if step_done > start + 1:  # the first step includes compilation
             tokens_done += n_tok
+            targets_done += int(m["supervised_tokens"])
             timed_s += dt
             timed_steps += 1
         tps = tokens_done / timed_s if timed_s > 0 else 0.0
-        mfu = (tps * flops_per_token / (peak * n_devices)) if (peak and flops_per_token) else None
+        mfu = flops(tokens_done, targets_done) / timed_s / (peak * n_devices) if peak and flops and timed_s else None
         if bar is not None:
             post = {"loss": f"{loss:.4f}", "lr": f"{float(m['lr']):.2e}", "tok/s": f"{tps:,.0f}"}
             if mfu is not None:

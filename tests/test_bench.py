@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sid.hlo import Collective
@@ -17,7 +18,10 @@ from sid.hlo import Collective
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {
     # muon_optax is the same code path as muon_local here (an optimizer name); leaving it out halves the runtime.
-    "train": ["bench/train_throughput.py", "--tiny", "--optimizers", "adamw,muon_local"],
+    "train": [
+        *("bench/train_throughput.py", "--tiny", "--optimizers", "adamw,muon_local"),
+        *("--supervised-fraction", "0.25"),
+    ],
     "eval": ["bench/eval_throughput.py", "--tiny"],
     "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
     "newton_schulz": ["bench/newton_schulz.py", "--tiny"],
@@ -73,9 +77,10 @@ def tiny_params() -> int:
     return rows * d + layers * per_layer + d
 
 
-def tiny_flops_per_token(seq: int) -> float:
-    """6 x matmul params + 12 x layers x heads x head_dim x seq."""
-    return 6.0 * tiny_params() + 12.0 * TINY["layers"] * TINY["d"] * seq
+def tiny_step_flops(seq: int, tokens: int, targets: int) -> float:
+    """Per token 6 x the layers' matmul params + 12 x layers x heads x head_dim x seq; per target 6 x the tied head."""
+    head = TINY["rows"] * TINY["d"]
+    return (6.0 * (tiny_params() - head) + 12.0 * TINY["layers"] * TINY["d"] * seq) * tokens + 6.0 * head * targets
 
 
 def test_train_throughput(results):
@@ -96,7 +101,10 @@ def test_train_throughput(results):
             assert list((results["train"][2] / "profile" / f"tiny_seq64_{r['optimizer']}").rglob("*.xplane.pb"))
     for opt in ("adamw", "muon_local"):
         r = rows[("jax", opt)]
-        assert r["flops_per_token"] == tiny_flops_per_token(64)
+        # Each segment (random length 8..32) supervises the last quarter of its targets: about 4 x 64 x 0.25.
+        targets = r["supervised_tokens_per_step"]
+        assert 40 <= targets <= 90
+        assert r["flops_per_token"] * r["real_tokens_per_step"] == pytest.approx(tiny_step_flops(64, 4 * 64, targets))
         assert 0 < r["compile_s"] <= r["first_step_s"]
         assert r["xla_bytes"] > 0 and r["devices"] == 2
     (ratio,) = record["ratios"]
@@ -200,6 +208,22 @@ def test_kernel_table_sums_device_streams_per_step():
         {"name": "MemcpyD2D", "ms_per_step": 0.5, "calls_per_step": 0.5},
     ]
     assert kernel_table(planes, steps=2, top=1) == table[:1]
+
+
+def test_packed_batch_supervises_each_segments_tail(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for fraction in (1.0, 0.25):
+        b = mod.packed_batch(6, 64, 1000, seed=3, supervised=fraction)
+        for r in range(6):
+            for seg in np.unique(b["segment_ids"][r]):
+                (where,) = np.nonzero(b["segment_ids"][r] == seg)
+                n, t = len(where), b["targets"][r, where]
+                want = min(n - 1, max(1, round(fraction * (n - 1))))  # a tail of targets; never the segment's last
+                assert (t[: n - 1 - want] == -100).all() and (t[n - 1 :] == -100).all()
+                np.testing.assert_array_equal(t[n - 1 - want : n - 1], b["input_ids"][r, where][n - want :])
 
 
 def test_step_collectives(results):

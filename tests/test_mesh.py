@@ -307,6 +307,18 @@ def test_fsdp_sends_bfloat16_weights_and_activations_and_reduces_float32_gradien
 
 
 @pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp4"])
+def test_cross_entropy_skips_chunks_by_branching_on_every_mesh(mesh_name, monkeypatch):
+    # Chunks of 32 tokens, 4 per micro-batch on fsdp8 (2 per dp replica). Whether a chunk holds a supervised token
+    # must be decided by a branch (an HLO conditional) around its matmuls. Under the trainer's vmap over dp
+    # replicas, a branch on a per-replica value would become a select that computes both sides: the bound is a max
+    # over the replicas (`replicas_max`), which every replica agrees on.
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 32 * 256)
+    *_, hlo = step_on(MESHES[mesh_name], jax.devices(), "qwen2", partitioned=True)
+    conditionals = [line for line in hlo.splitlines() if " conditional(" in line]
+    assert len(conditionals) == 1  # the chunk loop's, in the forward of the loss's custom VJP
+
+
+@pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp4"])
 def test_cross_entropy_chunks_take_rows_from_every_device(mesh_name, monkeypatch):
     # Chunks of 32 tokens: a micro-batch is 8 rows x 16 tokens, so 4 chunks (fsdp8), or 2 per dp replica.
     monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 32 * 256)

@@ -267,3 +267,21 @@ def test_unrolled_layer_scan_equals_rolled(model):
     np.testing.assert_allclose(
         np.asarray(forward_logits(unrolled, ids, pos, seg)), np.asarray(forward_logits(model, ids, pos, seg)), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_flops_count_the_head_per_supervised_token(tied):
+    from sid.models.build import train_flops
+
+    cfg = ModelConfig(
+        hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=40,
+        tie_word_embeddings=tied,
+    )  # fmt: skip
+    model = Qwen2.init(cfg, key=jax.random.key(0))
+    # Per layer, by hand: q 16x16 + 16, k and v 16x8 + 8 (2 KV heads of 4), o 16x16, gate/up/down 16x24, 2 norms of 16.
+    per_layer = (256 + 16) + 2 * (128 + 8) + 256 + 3 * 384 + 2 * 16
+    layers = 2 * per_layer + 16  # + the final norm
+    flops = train_flops(model, seq_len=10)
+    assert flops.per_target == 6 * 40 * 16  # the head: the embedding when tied, lm_head otherwise
+    assert flops.per_token == 6 * layers + 12 * 2 * 4 * 4 * 10  # + attention: layers x heads x head_dim x seq
+    assert flops(100, 30) == 100 * flops.per_token + 30 * flops.per_target

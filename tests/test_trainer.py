@@ -14,7 +14,7 @@ from sid.loss import cross_entropy_sum
 from sid.mesh import MeshConfig, make_mesh
 from sid.run import RunDir
 from sid.tracking import Tracker, WandbConfig
-from sid.trainer import NonFiniteLoss, fit, init_state, make_train_step, to_global
+from sid.trainer import NonFiniteLoss, TrainFlops, fit, init_state, make_train_step, to_global
 from sid.trainer_config import TrainConfig
 
 VOCAB, WIDTH, ROWS, LEN = 48, 16, 16, 8
@@ -198,7 +198,7 @@ def test_cross_entropy_vjp_scales_by_the_cotangent_and_keeps_the_loss():
         np.testing.assert_allclose(g, 0.37 * g1, rtol=1e-2, atol=1e-2 * np.abs(g1).max())
 
 
-def run_fit(tmp_path, batches, steps=8, **overrides):
+def run_fit(tmp_path, batches, steps=8, flops=None, **overrides):
     cfg = TrainConfig(
         output_dir=str(tmp_path), max_steps=steps, per_device_batch_size=2, log_every=1, progress_bar=False, **overrides
     )
@@ -216,7 +216,24 @@ def run_fit(tmp_path, batches, steps=8, **overrides):
         mesh=mesh,
         run=run,
         tracker=Tracker(WandbConfig(), run_name="t", config={}),
+        flops=flops,
     )
+
+
+def test_mfu_counts_every_token_and_the_head_per_supervised_token(tmp_path, monkeypatch):
+    import json
+
+    import sid.trainer
+
+    monkeypatch.setattr(sid.trainer, "peak_flops_per_device", lambda: 1e6)
+    run_fit(tmp_path, ToyBatches(), steps=5, flops=TrainFlops(per_token=10.0, per_target=1000.0))
+    last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+    # Step 1 (batch 0) compiles and is not timed; steps 2-5 draw batches 1-4.
+    tokens = sum(toy_batch(i)["input_ids"].size for i in range(1, 5))
+    targets = sum(int((toy_batch(i)["targets"] >= 0).sum()) for i in range(1, 5))
+    assert 0 < targets < tokens
+    seconds = tokens / last["tokens_per_s"]
+    assert last["mfu"] == pytest.approx((10.0 * tokens + 1000.0 * targets) / seconds / (1e6 * 8), rel=1e-9)
 
 
 def test_loss_decreases_and_checkpoints(tmp_path):
@@ -247,3 +264,93 @@ def test_sigterm_saves_and_returns(tmp_path):
     _, summary = run_fit(tmp_path, ToyBatches(sigterm_at=3), steps=10)
     assert summary["preempted_at"] == 4
     assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+def sparse_supervision(rows, length, per_row, vocab, seed):
+    """Hidden states NaN at every unsupervised token, and targets that supervise `per_row` random tokens per row."""
+    r = np.random.default_rng(seed)
+    h = r.normal(size=(rows, length, 8))
+    t = np.full((rows, length), -100, np.int32)
+    for row in range(rows):
+        picked = r.choice(length, per_row, replace=False)
+        t[row, picked] = r.integers(0, vocab, per_row)
+    return np.where((t >= 0)[..., None], h, np.nan), t
+
+
+def dense_loss(h, w, t, valid_vocab):
+    """float64 loss and gradients of the supervised tokens alone (a dense log-softmax over the valid vocab)."""
+    keep = t >= 0
+    x, tt = h[keep], t[keep]
+    logits = x @ w[:valid_vocab].T
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    loss = -np.log(p[np.arange(len(tt)), tt]).sum()
+    dlogits = p - np.eye(valid_vocab)[tt]
+    dh = np.zeros_like(h)
+    dh[keep] = dlogits @ w[:valid_vocab]
+    dw = np.zeros_like(w)
+    dw[:valid_vocab] = dlogits.T @ x
+    return loss, dh, dw
+
+
+@pytest.mark.parametrize("mesh_cfg", [None, MeshConfig(fsdp=8), MeshConfig(dp=2, fsdp=2, tp=2)])
+def test_cross_entropy_computes_only_chunks_with_supervised_tokens(monkeypatch, mesh_cfg):
+    """Every token that is not supervised has NaN hidden states: the loss and gradients stay finite, and equal a dense
+    float64 reference over the supervised tokens, only if no chunk holding one of them is computed. Each row (the
+    rows one device holds, over a mesh) supervises 8 tokens at random positions: its first chunk once sorted."""
+    import sid.loss
+    from sid.mesh import traced_on
+
+    rows, length, vocab, valid = 8, 32, 11, 9
+    groups = 1 if mesh_cfg is None else 8 // mesh_cfg.tp  # rows split over dp x fsdp: one row per group here
+    tokens_per_chunk = 8 * rows // groups  # 8 tokens of each of a group's rows
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", tokens_per_chunk * groups * vocab)
+    h, t = sparse_supervision(rows, length, 8, valid, seed=4)
+    w = np.random.default_rng(5).normal(size=(vocab, 8))
+    ref_loss, ref_dh, ref_dw = dense_loss(np.nan_to_num(h), w, t, valid)
+
+    def loss(h, w):
+        return cross_entropy_sum(h, w, jnp.asarray(t), valid_vocab=valid, compute_dtype=jnp.float32)
+
+    fn, plain = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), loss
+    args = (jnp.asarray(h, jnp.float32), jnp.asarray(w, jnp.float32))
+    if mesh_cfg is not None:
+        mesh = make_mesh(mesh_cfg)
+        fn, plain = traced_on(mesh, fn), traced_on(mesh, loss)
+        rows_split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("dp", "fsdp")))
+        args = (jax.device_put(args[0], rows_split), args[1])
+    (total, n), (dh, dw) = jax.jit(fn)(*args)
+    assert int(n) == 8 * rows
+    np.testing.assert_allclose(float(total), ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dh), ref_dh, rtol=1e-4, atol=1e-5)  # 0 (not NaN) at unsupervised tokens
+    # Without differentiation (held-out loss) the same chunks are skipped.
+    np.testing.assert_allclose(float(jax.jit(plain)(*args)[0]), ref_loss, rtol=1e-5)
+
+
+def test_cross_entropy_computes_every_chunk_a_group_needs(monkeypatch):
+    """Groups that need different numbers of chunks: the loop runs to the most any group needs (a max over the
+    devices), and rows with no supervised token or with every token supervised are both exact."""
+    import sid.loss
+    from sid.mesh import traced_on
+
+    rows, length, vocab = 8, 16, 13
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 4 * 8 * vocab)  # 4 tokens per group per chunk
+    r = np.random.default_rng(6)
+    h = r.normal(size=(rows, length, 8))
+    share = np.linspace(0, 1, rows)[:, None]  # row 0 supervises nothing
+    t = np.where(r.random((rows, length)) < share, r.integers(0, vocab, (rows, length)), -100)
+    t[-1] = r.integers(0, vocab, length)  # all supervised: every chunk of the last group
+    w = r.normal(size=(vocab, 8))
+    ref_loss, ref_dh, ref_dw = dense_loss(h, w, t, vocab)
+    mesh = make_mesh(MeshConfig(fsdp=8))
+
+    def loss(h, w):
+        return cross_entropy_sum(h, w, jnp.asarray(t), valid_vocab=vocab, compute_dtype=jnp.float32)[0]
+
+    rows_split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    args = (jax.device_put(jnp.asarray(h, jnp.float32), rows_split), jnp.asarray(w, jnp.float32))
+    total, (dh, dw) = jax.jit(traced_on(mesh, jax.value_and_grad(loss, argnums=(0, 1))))(*args)
+    np.testing.assert_allclose(float(total), ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dh), ref_dh, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from sid.compat.hf import load_qwen2
 from sid.data.tokenizer import SIDTokenizer
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab, resize_vocab, unpad_vocab
+from sid.trainer import TrainFlops
 
 
 def build_model(cfg: ModelConfig, tok: SIDTokenizer) -> tuple[Qwen2, dict[str, Any]]:
@@ -69,9 +70,11 @@ def num_params(model: Qwen2) -> int:
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
 
 
-def flops_per_token(model: Qwen2, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul params (the head matmul counted even when tied; the embedding lookup
-    not) + 12 x layers x (heads x head_dim) x seq_len for attention."""
+def train_flops(model: Qwen2, seq_len: int) -> TrainFlops:
+    """Training FLOPs: per token, 6 x the layers' matmul params + 12 x layers x (heads x head_dim) x seq_len for
+    attention; per supervised token, 6 x the head's params (counted even when tied; the embedding lookup is not a
+    matmul)."""
     c = model.config
-    matmul_params = num_params(model) - (0 if model.lm_head is None else model.embed.weight.size)
-    return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+    head = model.head_weight().size
+    layers = num_params(model) - model.embed.weight.size - (0 if model.lm_head is None else head)
+    return TrainFlops(6.0 * layers + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len, 6.0 * head)
