@@ -57,7 +57,7 @@ def cross_entropy_sum(
     """
     d, v = hidden.shape[-1], head.shape[0]
     groups = batch_split()
-    if hidden.shape[0] % groups:
+    if hidden.shape[0] % groups:  # rows not split evenly over the devices (never in the trainer): one group
         groups = 1
     h = hidden.reshape(groups, -1, d)
     t = targets.reshape(groups, -1)
