@@ -114,6 +114,15 @@ def qwen2_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndar
     return {"input_ids": ids, "positions": positions, "segment_ids": segments, "targets": targets}
 
 
+def sft_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """SFT-shaped rows: a prompt, then 3 supervised completion targets at a random place in each row."""
+    batch = qwen2_batch(rows, seq, vocab, seed)
+    starts = np.random.default_rng(seed + 1).integers(0, seq - 6, rows)
+    supervised = (np.arange(seq) >= starts[:, None]) & (np.arange(seq) < starts[:, None] + 3)
+    batch["targets"] = np.where(supervised, batch["targets"], -100).astype(np.int32)
+    return batch
+
+
 def gpt_batch(rows: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
     r = np.random.default_rng(seed)
     return {k: r.integers(0, vocab, (rows, seq)).astype(np.int32) for k in ("input_ids", "targets")}
@@ -127,6 +136,7 @@ CASES = {
         lambda: qwen2_batch(16, 16, 256, 0),
     ),
     "nanogpt": (lambda: GPT.init(GPT_CFG, key=jax.random.key(0)), gpt_loss, lambda: gpt_batch(16, 32, 65, 0)),
+    "qwen2_sft": (lambda: Qwen2.init(QWEN, key=jax.random.key(0)), sft_loss, lambda: sft_batch(16, 16, 256, 0)),
 }
 
 
@@ -304,6 +314,20 @@ def test_fsdp_sends_bfloat16_weights_and_activations_and_reduces_float32_gradien
     assert [c for c in reduces if c.dtype == "bf16" and c not in lookup] == []
     backward_gathers = [c for c in collectives(hlo, "all-gather") if "transpose(" in c.op]
     assert [c for c in backward_gathers if c.dtype == "f32" and len(c.shape) > 1] == []  # 1-D: norms
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_sft_step_that_skips_chunks_equals_one_device_computing_them_all(mesh_name, monkeypatch):
+    # 3 supervised tokens per row of 16. With chunks of 4 tokens per row on 8 devices (32 on one), every group
+    # needs 1 of its 4 chunks; the reference is one device and one chunk of every token, nothing skipped.
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 1 << 30)
+    whole = single_device_step("qwen2_sft")
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 32 * 256)
+    for got in (single_device_step("qwen2_sft"), step_on(MESHES[mesh_name], jax.devices(), "qwen2_sft")):
+        np.testing.assert_allclose(got[0]["loss"], whole[0]["loss"], rtol=1e-5)
+        assert got[0]["supervised_tokens"] == whole[0]["supervised_tokens"] == 16 * 3
+        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(whole[1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_name", ["fsdp8", "dp2_fsdp4"])
