@@ -44,7 +44,7 @@ def gpt_loss(model: GPT, batch, key):
 
 def train_flops(model: GPT) -> TrainFlops:
     """Karpathy's estimate, 6N for the matmuls (position embeddings excluded) + 12·L·D·T for attention, with the
-    tied head's 6 x vocab x D counted per supervised token (here every token but none of the padding)."""
+    tied head's 6 x vocab x D counted per supervised token (every character here: nanoGPT batches have no padding)."""
     c = model.config
     head = 6.0 * model.head_weight().size
     return TrainFlops(6.0 * model.num_params() - head + 12.0 * c.n_layer * c.n_embd * c.block_size, head)
