@@ -112,7 +112,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         for k in ("input_ids", "positions", "segment_ids", "targets")
     }
     step = make_train_step(
-        static, sft_loss, optimizer, accum=spec["accum"], mesh=mesh, state_sharding=sharding, lr_schedule=lr
+        static,
+        sft_loss,
+        optimizer,
+        accum=spec["accum"],
+        mesh=mesh,
+        state_sharding=sharding,
+        lr_schedule=lr,
+        gather_once=spec["gather_once"],
     )
     t0 = time.perf_counter()
     compiled, hlo = partitioned_hlo(step.lower(state, batch))
@@ -196,6 +203,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=512, help="row length (the seed's max_len)")
     p.add_argument("--rows-per-device", type=int, default=16, help="rows per device per micro-batch (the seed's)")
     p.add_argument("--accum", type=int, default=8, help="micro-batches per step (the seed's)")
+    p.add_argument(
+        "--gather-once",
+        action="store_true",
+        help="train.gather_params_once: gather the params and reduce the gradients once per step, not per micro-batch",
+    )
     p.add_argument("--by-op", type=int, default=0, metavar="N", help="also print the N largest senders by JAX op")
     p.add_argument(
         "--program", default="train", choices=sorted(PARTS), help="the train step, or the eval's beam search"
@@ -264,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                     seq=args.seq,
                     rows_per_device=args.rows_per_device,
                     accum=args.accum,
+                    gather_once=args.gather_once,
                     top_ops=max(args.by_op, 12),
                 )
                 results.append(measure(spec))

@@ -68,8 +68,8 @@ def cross_entropy_sum(
     order = jnp.argsort(t < 0, axis=1, stable=True)
     h = _permute(h, order)
     t = jnp.take_along_axis(t, order, axis=1, mode="promise_in_bounds")
-    # Chunks to compute: the same on every device (a max over all groups, dp replicas included), so the chunk loop's
-    # branch stays a branch, not a select of both sides.
+    # Chunks to compute: the same on every device (a max over all groups, the trainer's replicas included), so the
+    # chunk loop's branch stays a branch, not a select of both sides.
     needed = replicas_max((jnp.max((t >= 0).sum(1)) + m - 1) // m)
 
     def chunks_of(x):

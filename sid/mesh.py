@@ -131,38 +131,53 @@ def traced_on(mesh: Mesh, fn: Callable[_Args, _Out]) -> Callable[_Args, _Out]:
     return wrapped
 
 
-_BATCH_WITHIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("batch_within", default=BATCH_AXES)
-"""The axes `constrain_batch` splits rows over: (dp, fsdp), or fsdp alone while tracing one dp replica's rows."""
+REPLICAS = "replicas"
+"""The axis name of the trainer's vmap over replicas (`per_replica`), for collectives over them (`replicas_max`)."""
+_REPLICA_AXES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("replica_axes", default=())
+"""The mesh axes the trainer's vmap over replicas is placed on while tracing one replica (`per_replica`): () outside,
+("dp",) for dp replicas, ("dp", "fsdp") when each device accumulates its own gradients."""
+
+
+def _batch_within() -> tuple[str, ...]:
+    """The axes that split one replica's rows: (dp, fsdp) outside `per_replica`, the rest of them inside."""
+    return tuple(a for a in BATCH_AXES if a not in _REPLICA_AXES.get())
+
+
+def _axis_size(mesh, axis: str) -> int:
+    """`axis`'s size as one replica sees it: 1 for the axes the replica vmap is placed on (a replica holds its own
+    copy of whatever is split over the others, e.g. whole params when fsdp is a replica axis)."""
+    return 1 if axis in _REPLICA_AXES.get() else mesh.shape[axis]
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-    """Shard dim 0 (the batch) over (dp, fsdp), or fsdp alone inside `per_replica`, and replicate the rest, when
-    traced under the abstract mesh of a mesh with those axes (`traced_on`); else `x` as is.
+    """Shard dim 0 (the batch) over (dp, fsdp), or the axes that split one replica's rows inside `per_replica`, and
+    replicate the rest, when traced under the abstract mesh of a mesh with those axes (`traced_on`); else `x` as is.
 
     Models call it on the residual stream at every layer, so the partitioner keeps activations split by batch and
     gathers the fsdp-sharded weights, instead of sharding some activations by feature (which forces full
     rematerializations where the two layouts meet, e.g. at RoPE)."""
     if _traced_mesh() is None:
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(_BATCH_WITHIN.get()))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(_batch_within()))
 
 
 @contextlib.contextmanager
-def per_replica():
-    """Trace one dp replica's rows, under `jax.vmap(..., axis_name="dp", spmd_axis_name="dp")` over the replicas: the
-    models' rows split over fsdp alone, and the vmap puts the replica axis on dp."""
-    token = _BATCH_WITHIN.set(tuple(a for a in BATCH_AXES if a != "dp"))
+def per_replica(axes: tuple[str, ...]):
+    """Trace one replica's rows, under `jax.vmap(..., axis_name=REPLICAS, spmd_axis_name=axes)` over the replicas:
+    the models' rows split over the remaining batch axes, and nothing inside is split over `axes` (params included:
+    with fsdp among them each replica holds whole params)."""
+    token = _REPLICA_AXES.set(tuple(axes))
     try:
         yield
     finally:
-        _BATCH_WITHIN.reset(token)
+        _REPLICA_AXES.reset(token)
 
 
 def replicas_max(x: jax.Array) -> jax.Array:
-    """`x`'s max over the dp replicas while tracing one replica's rows (`per_replica`); else `x`. A value all replicas
+    """`x`'s max over the replicas while tracing one replica's rows (`per_replica`); else `x`. A value all replicas
     agree on, such as a loop bound, keeps a `lax.cond` on it a branch: on a per-replica value `vmap` turns the cond
     into a select that computes both sides."""
-    return jax.lax.pmax(x, "dp") if _BATCH_WITHIN.get() != BATCH_AXES else x
+    return jax.lax.pmax(x, REPLICAS) if _REPLICA_AXES.get() else x
 
 
 def _traced_mesh():
@@ -174,14 +189,14 @@ def _traced_mesh():
 def param_split() -> int:
     """How many ways the params are split (fsdp x tp) under the current abstract mesh; 1 outside one."""
     mesh = _traced_mesh()
-    return 1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tp"]
+    return 1 if mesh is None else _axis_size(mesh, "fsdp") * _axis_size(mesh, "tp")
 
 
 def batch_split() -> int:
-    """How many ways `constrain_batch` splits rows under the current abstract mesh (dp x fsdp, or fsdp alone inside
-    `per_replica`); 1 outside one."""
+    """How many ways `constrain_batch` splits rows under the current abstract mesh (dp x fsdp, or what of it is left
+    inside `per_replica`); 1 outside one."""
     mesh = _traced_mesh()
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _BATCH_WITHIN.get())
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_within())
 
 
 def split_by_layer(x: jax.Array) -> jax.Array:
@@ -224,7 +239,7 @@ def constrain_table(table: jax.Array) -> jax.Array:
     mesh = _traced_mesh()
     if mesh is None:
         return table
-    rows = _table_rows(table.shape[0], mesh.shape["tp"], mesh.shape["fsdp"])
+    rows = _table_rows(table.shape[0], _axis_size(mesh, "tp"), _axis_size(mesh, "fsdp"))
     return jax.lax.with_sharding_constraint(table, PartitionSpec(rows, *[None] * (table.ndim - 1)))
 
 
@@ -245,10 +260,10 @@ def table_split(rows: int) -> TableSplit | None:
     mesh = _traced_mesh()
     if mesh is None:
         return None
-    axes = _table_rows(rows, mesh.shape["tp"], mesh.shape["fsdp"])
+    axes = _table_rows(rows, _axis_size(mesh, "tp"), _axis_size(mesh, "fsdp"))
     if axes is None:
         return None
-    return TableSplit(mesh, (axes,) if isinstance(axes, str) else tuple(axes), _BATCH_WITHIN.get())
+    return TableSplit(mesh, (axes,) if isinstance(axes, str) else tuple(axes), _batch_within())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -310,6 +325,18 @@ def _param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     return PartitionSpec(*spec)
 
 
+def without_axis(spec: PartitionSpec, axis: str) -> PartitionSpec:
+    """`spec` with `axis` removed from every dim: what a device holds once that axis's split is gathered."""
+
+    def dim(d):
+        if d is None or isinstance(d, str):
+            return None if d == axis else d
+        rest = tuple(a for a in d if a != axis)
+        return rest[0] if len(rest) == 1 else rest or None
+
+    return PartitionSpec(*(dim(d) for d in spec))
+
+
 def param_shardings(tree, mesh: Mesh):
     """NamedShardings for every array leaf of a param pytree (non-arrays map to None)."""
 
@@ -352,8 +379,8 @@ def sharding_table(params, param_sharding, opt_state, opt_sharding) -> str:
         shard = sharding.shard_shape(tuple(leaf.shape))
         rows.append((path_str(path), str(tuple(leaf.shape)), _spec_str(sharding.spec), str(tuple(shard))))
     total = (
-        f"per device: params {_size(device_bytes(params, param_sharding))} + optimizer state "
-        f"{_size(device_bytes(opt_state, opt_sharding))}"
+        f"per device: params {format_bytes(device_bytes(params, param_sharding))} + optimizer state "
+        f"{format_bytes(device_bytes(opt_state, opt_sharding))}"
     )
     return text_table(("param", "shape", "split", "per device"), rows) + "\n" + total
 
@@ -367,7 +394,7 @@ def device_bytes(tree, shardings) -> int:
     )
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 

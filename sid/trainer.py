@@ -23,13 +23,18 @@ from jaxtyping import Array
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError
 from sid.mesh import (
+    BATCH_AXES,
+    REPLICAS,
     batch_sharding,
     constrain_batch,
+    device_bytes,
+    format_bytes,
     param_shardings,
     per_replica,
     sharding_table,
     state_shardings,
     traced_on,
+    without_axis,
 )
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
@@ -95,29 +100,45 @@ def peak_flops_per_device() -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)
 
 
-def _accumulate(static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh, param_sharding):
-    """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32, the
-    accumulator sharded like the params so FSDP never holds a full copy).
+def _accumulate(
+    static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh, param_sharding, gather_once: bool = False
+):
+    """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32).
 
-    With dp > 1 each replica accumulates its own rows' gradients and the replicas sum them once per step (one
-    all-reduce over dp), not once per micro-batch as a plain batch-split grad would: dp runs across hosts, where
-    that traffic is the slowest. Each replica then draws its own dropout masks (as in any data-parallel trainer),
-    so with dropout the losses depend on dp; without it, every mesh computes the same step."""
+    By default the accumulator is sharded like the params, so FSDP never holds a full copy: each micro-batch gathers
+    the weights it uses and reduce-scatters its gradients over fsdp. With dp > 1 each replica accumulates its own
+    rows' gradients and the replicas sum them once per step (one all-reduce over dp), not once per micro-batch as a
+    plain batch-split grad would: dp runs across hosts, where that traffic is the slowest.
+
+    `gather_once` does the same over fsdp: the f32 params are gathered once per step and each device accumulates
+    the whole gradient of its own rows, reduced over fsdp once per step. That is one params-sized gather and one
+    reduce per step instead of two gathers (forward, backward) and one reduce per micro-batch, for a whole copy of
+    the params and a whole f32 gradient accumulator on every device.
+
+    Each replica draws its own dropout masks (as in any data-parallel trainer), so with dropout the losses depend on
+    the replicas; without it, every mesh and mode computes the same step up to float order."""
     param_specs = jax.tree.map(lambda s: s.spec, param_sharding)
-    dp = mesh.shape["dp"]
-    if dp == 1:
-        g, l, n = _accumulate_rows(static, loss_fn, params, batch, key, accum, param_specs)
+    replica_axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1 and (a == "dp" or gather_once))
+    inner_specs = param_specs
+    if "fsdp" in replica_axes:
+        inner_specs = jax.tree.map(lambda s: without_axis(s, "fsdp"), param_specs)
+        with jax.named_scope("gather_params_once"):
+            params = jax.lax.with_sharding_constraint(params, inner_specs)
+    replicas = math.prod(mesh.shape[a] for a in replica_axes)
+    if replicas == 1:
+        g, l, n = _accumulate_rows(static, loss_fn, params, batch, key, accum, inner_specs)
     else:
-        # [dp * rows, ...] -> [dp, rows, ...]: each replica's rows are already on its devices (batch_sharding).
-        replica_rows = jax.tree.map(lambda x: x.reshape(dp, -1, *x.shape[1:]), batch)
-        with per_replica():
+        # [replicas * rows, ...] -> [replicas, rows, ...]: each replica's rows are already on its devices.
+        replica_rows = jax.tree.map(lambda x: x.reshape(replicas, -1, *x.shape[1:]), batch)
+        with per_replica(replica_axes):
             sums = jax.vmap(
-                lambda rows, k: _accumulate_rows(static, loss_fn, params, rows, k, accum, param_specs),
-                axis_name="dp",  # for `replicas_max`
-                spmd_axis_name="dp",  # every sharding constraint inside splits the replica axis over dp
-            )(replica_rows, jax.random.split(key, dp))
-        with jax.named_scope("dp_gradient_sum"):
+                lambda rows, k: _accumulate_rows(static, loss_fn, params, rows, k, accum, inner_specs),
+                axis_name=REPLICAS,  # for `replicas_max`
+                spmd_axis_name=replica_axes,  # every sharding constraint inside splits the replica axis over these
+            )(replica_rows, jax.random.split(key, replicas))
+        with jax.named_scope("replica_gradient_sum"):
             g, l, n = jax.tree.map(lambda x: x.sum(0), sums)
+            g = jax.lax.with_sharding_constraint(g, param_specs)
     denom = jnp.maximum(n, 1).astype(jnp.float32)
     return jax.tree.map(lambda x: x / denom, g), l / denom, n
 
@@ -148,6 +169,19 @@ def _accumulate_rows(static, loss_fn: LossFn, params, batch, key, accum: int, pa
     return sums
 
 
+def gather_once_note(params, param_sharding, mesh: Mesh) -> str:
+    """What `train.gather_params_once` does on this mesh, and what it costs each device, for the log."""
+    if mesh.shape["fsdp"] == 1:
+        return "train.gather_params_once: no fsdp axis on this mesh, so the step is the same as without it"
+    whole = jax.tree.map(lambda s: NamedSharding(mesh, without_axis(s.spec, "fsdp")), param_sharding)
+    n = device_bytes(params, whole)
+    return (
+        f"train.gather_params_once: each device gathers the f32 params once per step ({format_bytes(n)}) and "
+        f"accumulates its rows' whole f32 gradients; about {format_bytes(3 * n)} more per device than FSDP's "
+        "shards (params, accumulator, one micro-batch's gradients)"
+    )
+
+
 def make_train_step(
     static,
     loss_fn: LossFn,
@@ -157,13 +191,15 @@ def make_train_step(
     mesh: Mesh,
     state_sharding,
     lr_schedule: Callable[[Array], Array],
+    gather_once: bool = False,
 ):
-    """The jitted step `(state, batch) -> (state, metrics)`; state is donated, batch sharded over (dp, fsdp)."""
+    """The jitted step `(state, batch) -> (state, metrics)`; state is donated, batch sharded over (dp, fsdp).
+    `gather_once`: gather the params once per step and reduce gradients once per step (`_accumulate`)."""
 
     def step(state: TrainState, batch: dict[str, Array]):
         key = jax.random.fold_in(state.key, state.step)
         grads, loss, n_tokens = _accumulate(
-            static, loss_fn, state.params, batch, key, accum, mesh, state_sharding.params
+            static, loss_fn, state.params, batch, key, accum, mesh, state_sharding.params, gather_once
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -318,6 +354,8 @@ def fit(
         dict(mesh.shape),
         sharding_table(state.params, sharding.params, state.opt_state, sharding.opt_state),
     )
+    if cfg.gather_params_once:
+        log.info("%s", gather_once_note(state.params, sharding.params, mesh))
     require_shared_directory(run.path)
     ckpt = Checkpointer(run.path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
     start = 0
@@ -328,7 +366,14 @@ def fit(
     elif cfg.resume:
         log.info("resume requested but %s holds no checkpoint: starting fresh", ckpt.directory)
     step_fn = make_train_step(
-        static, loss_fn, optimizer, accum=accum, mesh=mesh, state_sharding=sharding, lr_schedule=lr_schedule
+        static,
+        loss_fn,
+        optimizer,
+        accum=accum,
+        mesh=mesh,
+        state_sharding=sharding,
+        lr_schedule=lr_schedule,
+        gather_once=cfg.gather_params_once,
     )
     peak = peak_flops_per_device()
     n_devices = mesh.devices.size

@@ -18,6 +18,12 @@ class TrainConfig:
     """Rows per device per micro-batch."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated (in f32, inside one jitted step) per optimizer step."""
+    gather_params_once: bool = False
+    """Under fsdp: gather the f32 params once per step and let each device accumulate its own rows' whole gradient,
+    reduced over fsdp once per step, instead of gathering weights for every micro-batch's forward and backward and
+    reduce-scattering every micro-batch's gradients. Cuts fsdp traffic about 2 x grad_accum_steps-fold; costs every
+    device a whole f32 copy of the params and a whole f32 gradient accumulator (12 bytes per param beyond FSDP's
+    shards: 18 GB at 1.5B), so it suits models that fit that way. Same step up to float order."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = 0

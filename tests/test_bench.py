@@ -26,6 +26,7 @@ SCRIPTS = {
     "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
     "newton_schulz": ["bench/newton_schulz.py", "--tiny"],
     "collectives": ["bench/step_collectives.py", "--tiny"],
+    "collectives_once": ["bench/step_collectives.py", "--tiny", "--gather-once", "--optimizers", "adamw"],
     "beam_collectives": ["bench/step_collectives.py", "--tiny", "--program", "beam"],
 }
 TINY_VOCAB = 1000  # train_throughput's tiny vocab (padded to 1024 rows)
@@ -244,6 +245,15 @@ def test_step_collectives(results):
         assert r["opt_state_gib_per_device"] > r["params_gib_per_device"]
         assert r["temp_gib_per_device"] >= r["params_gib_per_device"]  # it holds the f32 gradient accumulator
     assert "| tiny | 1x2x1 | muon_local | update/all-to-all |" in stdout
+    # --gather-once (train.gather_params_once): on fsdp2 the micro-batch loop sends nothing param-sized; outside it
+    # each device gathers the whole f32 params once and the gradients are summed once.
+    once = {r["mesh"]: r for r in results["collectives_once"][0]["results"]}
+    assert once["1x2x1"]["gather_once"] and set(once) == {"1x2x1", "1x1x2"}
+    fsdp2 = once["1x2x1"]["collectives"]
+    assert "fwd_bwd/all-gather" not in fsdp2 and fsdp2["fwd_bwd/all-reduce"]["gb"] < 1e-6  # the chunk count's max
+    assert fsdp2["update/all-gather"]["gb"] * 1e9 == pytest.approx(4 * tiny_params(), rel=1e-6)
+    assert fsdp2["update/all-reduce"]["gb"] * 1e9 == pytest.approx(4 * tiny_params(), rel=1e-3)  # + a few scalars
+    assert once["1x1x2"]["collectives"] == runs[("1x1x2", "adamw")]  # no fsdp: the same step
     # By op on fsdp2: the bf16 compute's weights are gathered in bf16 for matmuls; their gradients reduced in f32.
     # JAX 0.10 names a forward weight gather after its matmul, 0.11 after the weight's transpose.
     top = {(g["kind"], g["dtype"], g["op"]) for g in record["results"][0]["by_op"]}

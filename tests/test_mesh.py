@@ -12,11 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sid.loss
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
-from sid.mesh import MeshConfig, device_bytes, make_mesh, param_shardings, sharding_table, tp_head_warning
+from sid.mesh import (
+    MeshConfig,
+    device_bytes,
+    make_mesh,
+    param_shardings,
+    sharding_table,
+    tp_head_warning,
+    without_axis,
+)
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
@@ -166,14 +175,18 @@ def single_device_step(case: str, optimizer=sgd):
     return step_on(MeshConfig(), jax.devices()[:1], case, optimizer)
 
 
-def step_on(mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd, *, partitioned: bool = False):
+def step_on(
+    mesh_cfg: MeshConfig, devices, case: str, optimizer=sgd, *, partitioned: bool = False, gather_once: bool = False
+):
     """One step (2 micro-batches) of a real model on a mesh: (metrics, new params, HLO text). The HLO is the
     compiled module's, or with `partitioned` the SPMD partitioner's output (`sid.hlo.partitioned_hlo`)."""
     build, loss_fn, batch = CASES[case]
     mesh = make_mesh(mesh_cfg, devices)
     opt, lr = optimizer()
     state, static, sharding = init_state(build(), opt, seed=0, mesh=mesh)
-    step = make_train_step(static, loss_fn, opt, accum=2, mesh=mesh, state_sharding=sharding, lr_schedule=lr)
+    step = make_train_step(
+        static, loss_fn, opt, accum=2, mesh=mesh, state_sharding=sharding, lr_schedule=lr, gather_once=gather_once
+    )
     batch = to_global(batch(), mesh)
     lowered = step.lower(state, batch)
     if partitioned:
@@ -242,7 +255,7 @@ def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
     assert collectives(sharded[2], "all-gather", in_loops=False) == []
     assert collectives(sharded[2], "all-to-all", in_loops=False)
     reduces = collectives(sharded[2], "all-reduce", in_loops=False)
-    matrices = [c for c in reduces if len(c.shape) == 3 and "dp_gradient_sum" not in c.op]
+    matrices = [c for c in reduces if len(c.shape) == 3 and "replica_gradient_sum" not in c.op]
     assert matrices == []
 
 
@@ -272,7 +285,53 @@ def test_dp_replicas_sum_gradients_once_per_step(case):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     in_loop = [c for c in collectives(sharded[2], "all-reduce", in_loops=True) if c.shape]
     assert in_loop == []
-    assert [c for c in collectives(sharded[2], "all-reduce", in_loops=False) if "dp_gradient_sum" in c.op]
+    assert [c for c in collectives(sharded[2], "all-reduce", in_loops=False) if "replica_gradient_sum" in c.op]
+
+
+@pytest.mark.parametrize("case", ["qwen2", "nanogpt", "qwen2_sft"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_gather_once_equals_single_device_and_moves_params_once_per_step(case, mesh_name):
+    # train.gather_params_once: each device gathers the f32 params once, accumulates its own rows' whole gradient
+    # over the micro-batches, and the devices sum the gradients once, after the micro-batch loop. Default FSDP
+    # gathers the weights in every micro-batch's forward and backward and reduces every micro-batch's gradients.
+    single = single_device_step(case)
+    metrics, params, hlo = step_on(MESHES[mesh_name], jax.devices(), case, partitioned=True, gather_once=True)
+    np.testing.assert_allclose(metrics["loss"], single[0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], single[0]["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # In the micro-batch loop nothing param-shaped crosses devices: no weight gathers and no gradient reductions
+    # (Linear's weight gradient is the einsum "...o,...i->oi"). Under tp what is left is Megatron's activation
+    # partial sums, each with the vmap's replica axis (one replica per device) in front.
+    in_loop = collectives(hlo, "all-gather|all-reduce|reduce-scatter", in_loops=True)
+    assert in_loop and [c for c in in_loop if "->oi" in c.op_name] == []
+    mesh_cfg = MESHES[mesh_name]
+    if mesh_cfg.tp == 1:
+        assert [c for c in in_loop if c.shape] == []  # only the loss's chunk count (`replicas_max`) is left
+    else:
+        assert [c for c in in_loop if c.shape and c.shape[0] != 1] == []
+    # Outside it: one gather of every fsdp-split param, whole over fsdp (and still split over tp), in f32.
+    mesh = make_mesh(mesh_cfg)
+    model_params = eqx.filter(CASES[case][0](), eqx.is_array)
+    split = param_shardings(model_params, mesh)
+    gathered = [
+        (x, NamedSharding(mesh, without_axis(s.spec, "fsdp")))
+        for x, s in zip(jax.tree.leaves(model_params), jax.tree.leaves(split), strict=True)
+        if "fsdp" in jax.tree.leaves(tuple(s.spec))
+    ]
+    expected = device_bytes([x for x, _ in gathered], [s for _, s in gathered])
+    once = [c for c in collectives(hlo, "all-gather", in_loops=False) if "gather_params_once" in c.op]
+    assert {c.dtype for c in once} == {"f32"} and sum(c.runs * c.bytes for c in once) == expected
+    assert [c for c in collectives(hlo, "all-reduce", in_loops=False) if "replica_gradient_sum" in c.op]
+
+
+def test_without_axis_drops_one_axis_from_every_dim():
+    assert without_axis(P(None, "tp", "fsdp"), "fsdp") == P(None, "tp", None)
+    assert without_axis(P(("tp", "fsdp"), None), "fsdp") == P("tp", None)
+    assert without_axis(P(("dp", "fsdp", "tp")), "fsdp") == P(("dp", "tp"))
+    assert without_axis(P("fsdp"), "fsdp") == P(None)
+    assert without_axis(P(("fsdp",)), "fsdp") == P(None)
+    assert without_axis(P(None, "tp"), "fsdp") == P(None, "tp")
 
 
 def test_each_dp_replica_draws_its_own_randomness():

@@ -119,6 +119,13 @@ def test_two_processes_train_resume_and_eval_like_one(tmp_path):
     got, want = losses(shared), losses(tmp_path / "one")
     assert sorted(got) == list(range(1, 7))
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # Each device gathering the params once per step (--train.gather-params-once: one replica per device, over dp =
+    # processes and fsdp within each; the gradient sum crosses processes): the same losses.
+    once = tmp_path / "once"
+    runs = run_processes(lambda i: train_args(once, 6, "--eval.no-enabled", "--train.gather-params-once"))
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
+    assert "gathers the f32 params once per step" in runs[0].stderr
+    assert losses(once) == pytest.approx(want, rel=1e-5, abs=1e-6)
     # The held-out loss: each process places its own rows of the valid batches.
     assert eval_losses(shared) == pytest.approx(eval_losses(tmp_path / "one"), rel=1e-5)
     assert sorted(eval_losses(shared)) == [3, 6]

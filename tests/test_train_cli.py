@@ -114,3 +114,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     step = summary["train"]["preempted_at"]
     assert step >= 1 and (run / "checkpoints" / str(step)).is_dir()
     assert "SIGTERM received" in err
+
+
+def test_gather_params_once_trains_like_fsdp(tmp_path):
+    # Two devices: the smoke config's auto mesh is fsdp2, with 2 micro-batches per step. Gathering the params once
+    # per step changes only where gradients are summed (float order), so the losses agree to float noise.
+    runs = {}
+    for name, extra in (("fsdp", ()), ("once", ("--train.gather-params-once",))):
+        out = tmp_path / name
+        proc = subprocess.run(
+            train_cmd(out, "--train.max-steps", "4", *extra), cwd=ROOT, env=env(), capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (losses(out), proc.stderr)
+    assert "gathers the f32 params once per step" in runs["once"][1]
+    assert "gathers the f32 params" not in runs["fsdp"][1]
+    assert sorted(runs["once"][0]) == sorted(runs["fsdp"][0]) == [1, 2, 3, 4]
+    for step, loss in runs["fsdp"][0].items():
+        assert abs(runs["once"][0][step] - loss) <= 1e-5 * abs(loss), step
