@@ -89,7 +89,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     dp, fsdp, tp = spec["mesh"]
     mesh = make_mesh(MeshConfig(dp=dp, fsdp=fsdp, tp=tp), jax.devices()[: dp * fsdp * tp])
-    cfg = arch_config(spec["arch"], vocab_size=spec["vocab"], remat="dots")
+    cfg = arch_config(spec["arch"], vocab_size=spec["vocab"], remat=spec["remat"])
     lr = make_schedule(1e-3, warmup_steps=0, total_steps=1, kind="constant", min_lr_ratio=1.0)
     optimizer = OptimizerConfig(name=spec["optimizer"], ns_method=spec["ns_method"]).build(
         learning_rate=lr, aux_learning_rate=lr, clip_norm=1.0
@@ -204,6 +204,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows-per-device", type=int, default=16, help="rows per device per micro-batch (the seed's)")
     p.add_argument("--accum", type=int, default=8, help="micro-batches per step (the seed's)")
     p.add_argument(
+        "--remat", default="dots", choices=["none", "full", "dots"], help="model.remat (the v6e-8 presets': full)"
+    )
+    p.add_argument(
         "--gather-once",
         action="store_true",
         help="train.gather_params_once: gather the params and reduce the gradients once per step, not per micro-batch",
@@ -277,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows_per_device=args.rows_per_device,
                     accum=args.accum,
                     gather_once=args.gather_once,
+                    remat=args.remat,
                     top_ops=max(args.by_op, 12),
                 )
                 results.append(measure(spec))

@@ -110,7 +110,14 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     flops = train_flops(eqx.combine(state.params, static), spec["seq"])
 
     step = make_train_step(
-        static, sft_loss, optimizer, accum=spec["accum"], mesh=mesh, state_sharding=sharding, lr_schedule=lr
+        static,
+        sft_loss,
+        optimizer,
+        accum=spec["accum"],
+        mesh=mesh,
+        state_sharding=sharding,
+        lr_schedule=lr,
+        gather_once=spec["gather_once"],
     )
     batch = to_global(
         packed_batch(spec["rows"], spec["seq"], spec["vocab"], spec["seed"], spec["supervised_fraction"]), mesh
@@ -312,6 +319,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--ce-chunk-elements", type=int, default=0, help="logits elements per cross-entropy chunk (0: sid.loss's)"
     )
+    p.add_argument(
+        "--gather-once",
+        action="store_true",
+        help="train.gather_params_once (several devices: fsdp over them): params gathered once per step",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first (compiling) one")
     p.add_argument("--seed", type=int, default=0)
@@ -372,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                     ns_method=args.ns_method,
                     scan_unroll=args.scan_unroll,
                     ce_chunk_elements=args.ce_chunk_elements,
+                    gather_once=args.gather_once,
                 )
                 for o in args.optimizers
             ]

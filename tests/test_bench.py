@@ -22,6 +22,10 @@ SCRIPTS = {
         *("bench/train_throughput.py", "--tiny", "--optimizers", "adamw,muon_local"),
         *("--supervised-fraction", "0.25"),
     ],
+    "train_once": [
+        *("bench/train_throughput.py", "--tiny", "--optimizers", "adamw", "--torch", "off", "--gather-once"),
+        *("--supervised-fraction", "0.25"),
+    ],
     "eval": ["bench/eval_throughput.py", "--tiny"],
     "nanogpt": ["bench/nanogpt_shakespeare.py", "--tiny"],
     "newton_schulz": ["bench/newton_schulz.py", "--tiny"],
@@ -108,6 +112,12 @@ def test_train_throughput(results):
         assert r["flops_per_token"] * r["real_tokens_per_step"] == pytest.approx(tiny_step_flops(64, 4 * 64, targets))
         assert 0 < r["compile_s"] <= r["first_step_s"]
         assert r["xla_bytes"] > 0 and r["devices"] == 2
+    # --gather-once on the same 2 devices (fsdp2): the same first step up to float order. (Not the last loss: the
+    # run above traced extra steps for --profile. tests/test_mesh.py checks the mode's gradients.)
+    (once,) = results["train_once"][0]["results"]
+    assert once["gather_once"] and not rows[("jax", "adamw")]["gather_once"] and "error" not in once
+    assert once["first_loss"] == pytest.approx(rows[("jax", "adamw")]["first_loss"], rel=1e-6)
+    assert once["tokens_per_s"] > 0
     (ratio,) = record["ratios"]
     assert ratio["muon_local_over_adamw_step_time"] == pytest.approx(
         rows[("jax", "muon_local")]["step_s"] / rows[("jax", "adamw")]["step_s"]
