@@ -395,6 +395,7 @@ def device_bytes(tree, shardings) -> int:
 
 
 def format_bytes(n: int) -> str:
+    """`n` bytes in GiB, or MiB below one GiB, for logs."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
