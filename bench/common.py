@@ -76,16 +76,13 @@ def jax_memory(compiled=None) -> dict[str, int | None]:
     allocator stats, e.g. CPU) and XLA's static footprint of `compiled` (arguments + outputs - aliased + temp)."""
     import jax
 
+    from sid.trainer import step_memory_bytes
+
     stats = jax.local_devices()[0].memory_stats() or {}
     out: dict[str, int | None] = {"peak_bytes_in_use": stats.get("peak_bytes_in_use")}
-    analysis = compiled.memory_analysis() if compiled is not None else None
-    if analysis is not None:
-        out["xla_bytes"] = int(
-            analysis.argument_size_in_bytes
-            + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes
-            + analysis.temp_size_in_bytes
-        )
+    need = step_memory_bytes(compiled) if compiled is not None else None
+    if need is not None:
+        out["xla_bytes"] = need
     return out
 
 

@@ -211,6 +211,7 @@ def metric_rows(a: RunResult, b: RunResult) -> list[Row]:
         train("effective batch (rows)", "effective_batch_size", spec=",.0f"),
         train("train wall time (s)", "wall_s", spec=".1f"),
         train("compile time (s)", "compile_s", spec=".1f"),
+        train("step memory per device (MiB)", "step_memory_bytes", spec=",.1f", scale=1 / 2**20),
         evals("eval samples", "n_samples", spec=",.0f"),
         evals("eval beams", "n_beams", spec=",.0f"),
         evals("invalid predictions", "invalid_prediction_count", spec=",.0f"),

@@ -169,6 +169,31 @@ def _accumulate_rows(static, loss_fn: LossFn, params, batch, key, accum: int, pa
     return sums
 
 
+def step_memory_bytes(compiled) -> int | None:
+    """XLA's static footprint of a compiled step on one device: arguments + outputs - donated (aliased) buffers +
+    temporaries. None where the backend gives no memory analysis."""
+    a = compiled.memory_analysis()
+    if a is None:
+        return None
+    return int(a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes)
+
+
+def device_memory_limit() -> int | None:
+    """Bytes a local device can allocate (None where the backend has no allocator stats, e.g. CPU)."""
+    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def log_step_memory(compiled, signature: tuple, seconds: float) -> None:
+    """One line per compiled step shape: how long it took and what it needs per device, against what the device
+    has where the backend says (a mode such as `train.gather_params_once` shows its cost here before a long run)."""
+    shapes = ", ".join(f"{k} {tuple(shape)}" for k, shape in signature if k == "input_ids") or str(signature)
+    need, limit = step_memory_bytes(compiled), device_memory_limit()
+    memory = "" if need is None else f": {format_bytes(need)} per device"
+    if need is not None and limit:
+        memory += f" of {format_bytes(limit)} ({100 * need / limit:.0f}%)"
+    log.info("train step for %s compiled in %.1f s%s", shapes, seconds, memory)
+
+
 def gather_once_note(params, param_sharding, mesh: Mesh) -> str:
     """What `train.gather_params_once` does on this mesh, and what it costs each device, for the log."""
     if mesh.shape["fsdp"] == 1:
@@ -379,7 +404,7 @@ def fit(
     n_devices = mesh.devices.size
     summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * accum, "start_step": start}
     compiled: dict[tuple, Any] = {}
-    compile_s = 0.0
+    compile_s, step_memory = 0.0, 0
     tokens_done, targets_done, timed_s, timed_steps, last_loss = 0, 0, 0.0, 0, float("nan")
     pending = None  # (step, metrics) of the previous step, fetched one step late to keep dispatch async
     last_saved = start if start else None
@@ -468,6 +493,8 @@ def fit(
                     t0 = time.perf_counter()
                     compiled[signature] = step_fn.lower(state, batch).compile()
                     compile_s += time.perf_counter() - t0
+                    log_step_memory(compiled[signature], signature, time.perf_counter() - t0)
+                    step_memory = max(step_memory, step_memory_bytes(compiled[signature]) or 0)
                 state, metrics = compiled[signature](state, batch)
                 finish_pending()
                 pending = (step + 1, metrics)
@@ -507,6 +534,7 @@ def fit(
         step_time_s=timed_s / timed_steps if timed_steps else None,
         wall_s=wall,
         compile_s=compile_s,
+        step_memory_bytes=step_memory or None,
         devices=n_devices,
     )
     return eqx.combine(state.params, static), summary

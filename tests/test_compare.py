@@ -44,6 +44,10 @@ def _report(a: Path, b: Path, out: Path, *extra: str) -> str:
 
 def test_table_has_fixture_numbers_and_deltas(runs, tmp_path):
     a, b = runs
+    for run, gib in ((a, 3), (b, 5)):  # runs since 2026-11-23 record XLA's footprint of their step per device
+        summary = _json(run / "run_summary.json")
+        summary["train"]["step_memory_bytes"] = gib * 2**30
+        (run / "run_summary.json").write_text(json.dumps(summary))
     report = _report(
         a,
         b,
@@ -67,6 +71,7 @@ def test_table_has_fixture_numbers_and_deltas(runs, tmp_path):
         _line("step time (ms)", ta["step_time_s"], tb["step_time_s"], ".1f", 1000.0),
         _line("tokens/s", ta["tokens_per_s"], tb["tokens_per_s"], ",.0f"),
         _line("optimizer steps", ta["steps"], tb["steps"], ",.0f"),
+        _line("step memory per device (MiB)", 3 * 2**30, 5 * 2**30, ",.1f", 1 / 2**20),
         _line("invalid predictions", ea["invalid_prediction_count"], eb["invalid_prediction_count"], ",.0f"),
     ]
     lines = report.splitlines()

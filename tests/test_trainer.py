@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from sid.loss import cross_entropy_sum
-from sid.mesh import MeshConfig, make_mesh
+from sid.mesh import MeshConfig, format_bytes, make_mesh
 from sid.run import RunDir
 from sid.tracking import Tracker, WandbConfig
 from sid.trainer import NonFiniteLoss, TrainFlops, fit, init_state, make_train_step, to_global
@@ -244,6 +244,26 @@ def test_loss_decreases_and_checkpoints(tmp_path):
     assert losses[-1] < 0.8 * losses[0]
     assert summary["final_step"] == 30
     assert (tmp_path / "checkpoints" / "30").is_dir()
+
+
+def test_each_compiled_step_logs_what_it_needs_per_device(tmp_path, monkeypatch):
+    import sid.trainer
+
+    def compile_lines(run_dir):
+        return [line for line in (run_dir / "train.log").read_text().splitlines() if " compiled in " in line]
+
+    _, summary = run_fit(tmp_path / "cpu", ToyBatches(), steps=3)
+    need = summary["step_memory_bytes"]
+    # At least the toy's f32 params (embed VOCAB x WIDTH, 2 x WIDTH x WIDTH) and Adam's two moments like them.
+    assert need >= 4 * 3 * (VOCAB * WIDTH + 2 * WIDTH * WIDTH)
+    (line,) = compile_lines(tmp_path / "cpu")  # one batch shape, one compilation
+    assert f"train step for input_ids ({ROWS}, {LEN}) compiled in " in line
+    assert line.endswith(f" s: {format_bytes(need)} per device")
+    # Where the backend reports the device's memory (GPU, TPU), the line says how much of it the step takes.
+    monkeypatch.setattr(sid.trainer, "device_memory_limit", lambda: 4 * need)
+    run_fit(tmp_path / "limited", ToyBatches(), steps=2)
+    (line,) = compile_lines(tmp_path / "limited")
+    assert line.endswith(f" s: {format_bytes(need)} per device of {format_bytes(4 * need)} (25%)")
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
