@@ -71,6 +71,24 @@ def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
     )
 
 
+def sft_train_step(static, optimizer, lr, *, mesh, state_sharding, spec: dict[str, Any]):
+    """sid's jitted SFT step (`sid.trainer.make_train_step` + `sid.train.sft_loss`) for a benchmark's `spec` (its
+    `accum` micro-batches and `gather_once` mode)."""
+    from sid.train import sft_loss
+    from sid.trainer import make_train_step
+
+    return make_train_step(
+        static,
+        sft_loss,
+        optimizer,
+        accum=spec["accum"],
+        mesh=mesh,
+        state_sharding=state_sharding,
+        lr_schedule=lr,
+        gather_once=spec["gather_once"],
+    )
+
+
 def jax_memory(compiled=None) -> dict[str, int | None]:
     """Device memory: the runtime peak of this process (`peak_bytes_in_use`, None where the backend has no
     allocator stats, e.g. CPU) and XLA's static footprint of `compiled` (arguments + outputs - aliased + temp)."""

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from common import arch_config, arch_vocab, host_environment, markdown_table, write_json
+from common import arch_config, arch_vocab, host_environment, markdown_table, sft_train_step, write_json
 
 if TYPE_CHECKING:
     from sid.hlo import Collective
@@ -84,8 +84,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
-    from sid.train import sft_loss
-    from sid.trainer import TrainState, make_train_step
+    from sid.trainer import TrainState
 
     dp, fsdp, tp = spec["mesh"]
     mesh = make_mesh(MeshConfig(dp=dp, fsdp=fsdp, tp=tp), jax.devices()[: dp * fsdp * tp])
@@ -111,16 +110,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         k: jax.ShapeDtypeStruct((rows, spec["seq"]), jnp.int32, sharding=batch_sharding(mesh))
         for k in ("input_ids", "positions", "segment_ids", "targets")
     }
-    step = make_train_step(
-        static,
-        sft_loss,
-        optimizer,
-        accum=spec["accum"],
-        mesh=mesh,
-        state_sharding=sharding,
-        lr_schedule=lr,
-        gather_once=spec["gather_once"],
-    )
+    step = sft_train_step(static, optimizer, lr, mesh=mesh, state_sharding=sharding, spec=spec)
     t0 = time.perf_counter()
     compiled, hlo = partitioned_hlo(step.lower(state, batch))
     return {

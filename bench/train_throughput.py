@@ -39,6 +39,7 @@ from common import (
     profile_steps,
     run_child,
     serve_child,
+    sft_train_step,
     write_json,
 )
 
@@ -80,8 +81,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
-    from sid.train import sft_loss
-    from sid.trainer import init_state, make_train_step, peak_flops_per_device, to_global
+    from sid.trainer import init_state, peak_flops_per_device, to_global
 
     if spec["ce_chunk_elements"]:  # this child process measures one configuration: a module setting is fine
         sid.loss.CHUNK_ELEMENTS = spec["ce_chunk_elements"]
@@ -109,16 +109,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     init_s = time.perf_counter() - t0
     flops = train_flops(eqx.combine(state.params, static), spec["seq"])
 
-    step = make_train_step(
-        static,
-        sft_loss,
-        optimizer,
-        accum=spec["accum"],
-        mesh=mesh,
-        state_sharding=sharding,
-        lr_schedule=lr,
-        gather_once=spec["gather_once"],
-    )
+    step = sft_train_step(static, optimizer, lr, mesh=mesh, state_sharding=sharding, spec=spec)
     batch = to_global(
         packed_batch(spec["rows"], spec["seq"], spec["vocab"], spec["seed"], spec["supervised_fraction"]), mesh
     )
