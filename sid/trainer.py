@@ -492,8 +492,9 @@ def fit(
                 if signature not in compiled:
                     t0 = time.perf_counter()
                     compiled[signature] = step_fn.lower(state, batch).compile()
-                    compile_s += time.perf_counter() - t0
-                    log_step_memory(compiled[signature], signature, time.perf_counter() - t0)
+                    seconds = time.perf_counter() - t0
+                    compile_s += seconds
+                    log_step_memory(compiled[signature], signature, seconds)
                     step_memory = max(step_memory, step_memory_bytes(compiled[signature]) or 0)
                 state, metrics = compiled[signature](state, batch)
                 finish_pending()
