@@ -100,9 +100,7 @@ def peak_flops_per_device() -> float | None:
     return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)
 
 
-def _accumulate(
-    static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh, param_sharding, gather_once: bool = False
-):
+def _accumulate(static, loss_fn: LossFn, params, batch, key, accum: int, mesh: Mesh, param_sharding, gather_once: bool):
     """Gradients and loss of the token-weighted mean over all `accum` micro-batches (accumulated in f32).
 
     By default the accumulator is sharded like the params, so FSDP never holds a full copy: each micro-batch gathers
@@ -183,11 +181,12 @@ def device_memory_limit() -> int | None:
     return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def log_step_memory(compiled, signature: tuple, seconds: float) -> None:
-    """One line per compiled step shape: how long it took and what it needs per device, against what the device
-    has where the backend says (a mode such as `train.gather_params_once` shows its cost here before a long run)."""
+def log_step_memory(need: int | None, signature: tuple, seconds: float) -> None:
+    """One line per compiled step shape: how long it took and what it needs per device (`step_memory_bytes`),
+    against what the device has where the backend says (a mode such as `train.gather_params_once` shows its cost
+    here before a long run)."""
     shapes = ", ".join(f"{k} {tuple(shape)}" for k, shape in signature if k == "input_ids") or str(signature)
-    need, limit = step_memory_bytes(compiled), device_memory_limit()
+    limit = device_memory_limit()
     memory = "" if need is None else f": {format_bytes(need)} per device"
     if need is not None and limit:
         memory += f" of {format_bytes(limit)} ({100 * need / limit:.0f}%)"
@@ -494,8 +493,9 @@ def fit(
                     compiled[signature] = step_fn.lower(state, batch).compile()
                     seconds = time.perf_counter() - t0
                     compile_s += seconds
-                    log_step_memory(compiled[signature], signature, seconds)
-                    step_memory = max(step_memory, step_memory_bytes(compiled[signature]) or 0)
+                    need = step_memory_bytes(compiled[signature])
+                    log_step_memory(need, signature, seconds)
+                    step_memory = max(step_memory, need or 0)
                 state, metrics = compiled[signature](state, batch)
                 finish_pending()
                 pending = (step + 1, metrics)
