@@ -72,10 +72,10 @@ def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
 
 
 def sft_train_step(static, optimizer, lr, *, mesh, state_sharding, spec: dict[str, Any]):
-    """sid's jitted SFT step (`sid.trainer.make_train_step` + `sid.train.sft_loss`) for a benchmark's `spec` (its
+    """sid's jitted SFT step (`sid.step.make_train_step` + `sid.train.sft_loss`) for a benchmark's `spec` (its
     `accum` micro-batches and `gather_once` mode)."""
+    from sid.step import make_train_step
     from sid.train import sft_loss
-    from sid.trainer import make_train_step
 
     return make_train_step(
         static,
@@ -94,7 +94,7 @@ def jax_memory(compiled=None) -> dict[str, int | None]:
     allocator stats, e.g. CPU) and XLA's static footprint of `compiled` (arguments + outputs - aliased + temp)."""
     import jax
 
-    from sid.trainer import step_memory_bytes
+    from sid.step import step_memory_bytes
 
     stats = jax.local_devices()[0].memory_stats() or {}
     out: dict[str, int | None] = {"peak_bytes_in_use": stats.get("peak_bytes_in_use")}

@@ -174,7 +174,7 @@ def run_cli(cls: type[T], run: Callable[[T], object], argv: list[str] | None = N
     """An entry point's body: parse the job, run it. Errors of the user's input (a bad config, a bad data row, a
     missing file) and a non-finite loss end the process with one clear line instead of a traceback."""
     from sid.data.errors import DataError
-    from sid.trainer import NonFiniteLoss
+    from sid.meter import NonFiniteLoss
 
     try:
         run(cli(cls, args=argv))

@@ -20,11 +20,13 @@ from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
 from sid.mesh import data_parallel_size, init_distributed, make_mesh, tp_head_warning, traced_on
+from sid.meter import TrainFlops
 from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
 from sid.run import RunDir, load_dotenv
+from sid.step import to_global
 from sid.tracking import Tracker
-from sid.trainer import TrainFlops, check_output_dir, fit, make_optimizer, to_global
+from sid.trainer import check_output_dir, fit, make_optimizer
 
 log = logging.getLogger("sid")
 
@@ -67,11 +69,28 @@ def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int, mesh):
     # Drawn and placed on the device once: every evaluation reuses them.
     batches = [placed(i) for i in range(job.train.eval_loss_batches)]
 
-    def estimate(model, step: int) -> float:
+    def estimate(model) -> float:
         losses = jax.device_get([batch_loss(model, b) for b in batches])  # one sync, not one per batch
         return float(np.mean([float(loss) for loss in losses]))
 
     return estimate
+
+
+class _KeepBest:
+    """The held-out loss as an evaluator of the trainer, keeping the model of the lowest one in best_model.eqx."""
+
+    def __init__(self, estimate, every: int, run: RunDir):
+        self.estimate, self.every, self.run = estimate, every, run
+        self.path = run.path / "best_model.eqx"
+        self.loss, self.step = float("inf"), None
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        loss = self.estimate(model)
+        if loss < self.loss:
+            self.loss, self.step = loss, step
+            if self.run.main:
+                eqx.tree_serialise_leaves(self.path, model)
+        return {"eval_loss": loss}
 
 
 def sample(model: GPT, data: CharData, cfg: SampleConfig, *, seed: int) -> list[str]:
@@ -126,16 +145,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
         process_count=jax.process_count(),
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
-    eval_loss = make_eval_loss(data, job, rows, mesh)
-    best = {"loss": float("inf"), "step": None}
-    best_path = run.path / "best_model.eqx"
-
-    def keep_best(step: int, loss: float, current) -> None:
-        if loss < best["loss"]:
-            best.update(loss=loss, step=step)
-            if run.main:
-                eqx.tree_serialise_leaves(best_path, current)
-
+    best = _KeepBest(make_eval_loss(data, job, rows, mesh), job.train.eval_loss_every, run)
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
     model, train = fit(
         model=model,
@@ -149,21 +159,19 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
         run=run,
         tracker=tracker,
         flops=train_flops(model),
-        eval_loss=eval_loss,
-        on_eval=keep_best,
+        evaluators=[best],
     )
-    if job.train.eval_loss_every and train["final_step"] % job.train.eval_loss_every:
-        keep_best(train["final_step"], eval_loss(model, train["final_step"]), model)
+    best_path = best.path
     best_model = eqx.tree_deserialise_leaves(best_path, model) if best_path.is_file() else model
     texts = sample(best_model, data, job.sample, seed=job.train.seed)
     if run.main:
         (run.path / "samples.txt").write_text("\n\n---\n\n".join(texts))
-    log.info("sample from the best model (step %s):\n%s", best["step"], texts[0] if texts else "")
+    log.info("sample from the best model (step %s):\n%s", best.step, texts[0] if texts else "")
     summary_train = {
         **train,
         "final_train_loss": train["final_loss"],
-        "best_eval_loss": best["loss"] if best["step"] is not None else None,
-        "best_eval_step": best["step"],
+        "best_eval_loss": best.loss if best.step is not None else None,
+        "best_eval_step": best.step,
         "ms_per_iter": 1000 * train["step_time_s"] if train["step_time_s"] else None,
         "effective_batch_size": rows,
     }

@@ -12,25 +12,28 @@ import math
 import sys
 from pathlib import Path
 
-import equinox as eqx
 import jax
 
 from sid.compat.hf import export_qwen2
-from sid.config import run_cli
+from sid.config import ConfigError, run_cli
 from sid.data.config import TokenizerConfig
 from sid.data.pipeline import BatchPlan
-from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
+from sid.data.tasks import build_sft_samples, encode_all, eval_prompts, load_split, synthetic_dir
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
+from sid.eval.config import EvalConfig
+from sid.eval.held_out import HeldOutLoss, ValidRanking
+from sid.eval.runner import evaluate
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning, traced_on
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning
 from sid.models.build import build_model, num_params, token_extension, train_flops
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.trainer import check_output_dir, fit, make_optimizer, to_global
+from sid.trainer import check_output_dir, fit, make_optimizer
+from sid.trainer_config import TrainConfig
 
 log = logging.getLogger("sid")
 
@@ -45,35 +48,6 @@ def sft_loss(model: Qwen2, batch, key):
         valid_vocab=model.valid_vocab,
         compute_dtype=DTYPES[model.config.compute_dtype],
     )
-
-
-def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
-    """Held-out loss on the valid split (its per-interaction tasks; alignment is per item, so it is excluded):
-    the token-weighted mean over the first `eval_loss_batches` batches of one fixed shuffled epoch."""
-    interactions, catalog, _ = load_split(job.data, "valid", run_dir=run_dir)
-    samples = build_sft_samples(
-        interactions, catalog, dataclasses.replace(job.tasks, alignment=False), job.data.category_text
-    )
-    plan = BatchPlan(
-        encode_all(samples, tok, job.data.max_len),
-        rows_per_step=job.train.per_device_batch_size * data_parallel_size(mesh),
-        max_len=job.data.max_len,
-        pack=job.data.pack,
-        buckets=job.data.length_buckets,
-    )
-    batches = plan.eval_batches(process_index=jax.process_index(), process_count=jax.process_count())
-    # Placed on the device once: every evaluation reuses them.
-    batches = [to_global(b, mesh) for b in batches[: job.train.eval_loss_batches]]
-    batch_loss = eqx.filter_jit(traced_on(mesh, lambda model, batch: sft_loss(model, batch, None)))
-
-    def estimate(model, step: int) -> float:
-        results = jax.device_get([batch_loss(model, b) for b in batches])  # one sync, not one per batch
-        total, tokens = 0.0, 0
-        for loss_sum, n in results:
-            total, tokens = total + float(loss_sum), tokens + int(n)
-        return total / max(tokens, 1)
-
-    return estimate
 
 
 def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
@@ -93,17 +67,92 @@ def load_tokenizer(cfg: TokenizerConfig, catalog, data_dir: Path, data_root: str
     return build_tokenizer(dataclasses.replace(cfg, path=str(path.absolute())), catalog.sid_tokens())
 
 
+def sft_plan(job: TrainJob, tok: SIDTokenizer, samples, rows_per_step: int) -> BatchPlan:
+    """Samples -> the batch plan of the config's layout (packed rows or length buckets)."""
+    return BatchPlan(
+        encode_all(samples, tok, job.data.max_len),
+        rows_per_step=rows_per_step,
+        max_len=job.data.max_len,
+        pack=job.data.pack,
+        buckets=job.data.length_buckets,
+    )
+
+
+def check_selection(cfg: TrainConfig, eval_cfg: EvalConfig) -> None:
+    """Refuse, before anything runs, a selection that no evaluation would ever feed."""
+    needs = {"loss": ("eval_loss_every", cfg.eval_loss_every), "ndcg@10": ("valid_rank_every", cfg.valid_rank_every)}
+    needs["hr@10"] = needs["ndcg@10"]
+    if cfg.select_by != "none" and not needs[cfg.select_by][1]:
+        raise ConfigError(f"train.select_by={cfg.select_by} needs train.{needs[cfg.select_by][0]} > 0")
+    if cfg.select_by in ("ndcg@10", "hr@10") and 10 not in eval_cfg.topk:
+        raise ConfigError(f"train.select_by={cfg.select_by} needs 10 in eval.topk {eval_cfg.topk}")
+    if cfg.early_stop_patience and cfg.select_by == "none":
+        raise ConfigError("train.early_stop_patience needs train.select_by")
+    for name in ("valid_rank_every", "valid_rank_samples", "early_stop_patience", "eval_loss_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(cfg, name)} must be >= 0")
+
+
+def sft_evaluators(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path, loss_fn) -> list:
+    """The held-out loss on every enabled task of the valid split, and the ranking of a fixed valid subset."""
+    cfg, evaluators = job.train, []
+    if not (cfg.eval_loss_every or cfg.valid_rank_every):
+        return evaluators
+    interactions, catalog, _ = load_split(job.data, "valid", run_dir=run_dir)
+    if cfg.eval_loss_every:
+        samples = build_sft_samples(interactions, catalog, job.tasks, job.data.category_text)
+        plan = sft_plan(job, tok, samples, cfg.per_device_batch_size * data_parallel_size(mesh))
+        every, batches = cfg.eval_loss_every, cfg.eval_loss_batches
+        evaluators.append(HeldOutLoss(plan, loss_fn, batches=batches, every=every, mesh=mesh))
+    if cfg.valid_rank_every:
+        pairs = eval_prompts(interactions, job.tasks)
+        every, samples = cfg.valid_rank_every, cfg.valid_rank_samples
+        ranking = ValidRanking(tok, catalog, pairs, job.eval, mesh, samples=samples, every=every, seed=cfg.seed)
+        evaluators.append(ranking)
+    return evaluators
+
+
 def run_train(job: TrainJob) -> dict:
     """Train (and evaluate); returns run_summary.json's content."""
     init_distributed(job.mesh)
     load_dotenv()
     check_output_dir(job.train)
+    check_selection(job.train, job.eval)
     run = RunDir(job.train.output_dir, job)
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
-
     rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
+    model = _model(job, tok, mesh, run)
+    run.update(data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
+    samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
+    global_rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
+    plan = sft_plan(job, tok, samples, global_rows)
+    steps = job.train.max_steps or math.ceil(job.train.epochs * plan.steps_per_epoch)
+    log.info(
+        "data: %d samples, %d steps/epoch of %d rows, %d steps", len(samples), plan.steps_per_epoch, global_rows, steps
+    )
+    run.update(data={**run.summary["data"], "samples": len(samples), **plan.summary()})
+    batches = plan.train_iterator(
+        seed=job.train.seed, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
+    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
+    loss_fn = sft_loss
+    model, train = fit(
+        model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr, batches=batches, total_steps=steps,
+        cfg=job.train, mesh=mesh, run=run, tracker=tracker, flops=train_flops(model, job.data.max_len),
+        evaluators=sft_evaluators(job, tok, mesh, run.path, loss_fn),
+    )  # fmt: skip
+    run.update(train={**train, "effective_batch_size": global_rows, "steps_per_epoch": plan.steps_per_epoch})
+    if train.get("preempted_at") is None:
+        _export_and_evaluate(job, model, tok, mesh, run, tracker)
+    tracker.finish()
+    return run.summary
+
+
+def _model(job: TrainJob, tok: SIDTokenizer, mesh, run: RunDir) -> Qwen2:
+    """The configured model with the tokenizer's vocab (HF checkpoint or scratch), logged and recorded."""
     model, vocab_resize = build_model(job.model, tok)
     log.info(
         "model: %.1fM params, vocab %d rows (%d real); tokenizer %d base + %d SID tokens",
@@ -115,62 +164,17 @@ def run_train(job: TrainJob) -> dict:
     )
     if warning := tp_head_warning(mesh.shape["tp"], heads=model.config.num_heads, kv_heads=model.config.num_kv_heads):
         log.warning(warning)
-    run.update(
-        token_extension=token_extension(tok),
-        vocab_resize=vocab_resize,
-        data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()},
-    )
+    run.update(token_extension=token_extension(tok), vocab_resize=vocab_resize)
+    return model
 
-    samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
-    global_rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
-    plan = BatchPlan(
-        encode_all(samples, tok, job.data.max_len),
-        rows_per_step=global_rows,
-        max_len=job.data.max_len,
-        pack=job.data.pack,
-        buckets=job.data.length_buckets,
-    )
-    steps = job.train.max_steps or math.ceil(job.train.epochs * plan.steps_per_epoch)
-    log.info(
-        "data: %d samples, %d steps/epoch of %d rows, %d steps", len(samples), plan.steps_per_epoch, global_rows, steps
-    )
-    run.update(data={**run.summary["data"], "samples": len(samples), **plan.summary()})
-    batches = plan.train_iterator(
-        seed=job.train.seed, process_index=jax.process_index(), process_count=jax.process_count()
-    )
 
-    optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
-
-    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
-    model, train = fit(
-        model=model,
-        loss_fn=sft_loss,
-        optimizer=optimizer,
-        lr_schedule=lr,
-        batches=batches,
-        total_steps=steps,
-        cfg=job.train,
-        mesh=mesh,
-        run=run,
-        tracker=tracker,
-        flops=train_flops(model, job.data.max_len),
-        eval_loss=make_eval_loss(job, tok, mesh, run.path) if job.train.eval_loss_every else None,
-    )
-    train.update(effective_batch_size=global_rows, steps_per_epoch=plan.steps_per_epoch)
-    run.update(train=train)
-    if train.get("preempted_at") is not None:
-        tracker.finish()
-        return run.summary
+def _export_and_evaluate(job: TrainJob, model: Qwen2, tok: SIDTokenizer, mesh, run: RunDir, tracker) -> None:
+    """The HF export of the model the run hands on (RUN_DIR/model), then the test eval (eval.enabled)."""
     host_model = to_host(model)  # a collective on multi-host runs: every process takes part
     if run.main:
         export_qwen2(host_model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
     if job.eval.enabled:
-        from sid.eval.runner import evaluate
-
-        metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker)
-        run.update(eval=metrics)
-    tracker.finish()
-    return run.summary
+        run.update(eval=evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker))
 
 
 def main(argv: list[str] | None = None) -> int:

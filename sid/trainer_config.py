@@ -47,6 +47,20 @@ class TrainConfig:
     """Steps between held-out loss estimates (0: never)."""
     eval_loss_batches: int = 20
     """Batches per held-out loss estimate."""
+    valid_rank_every: int = 0
+    """Steps between ranking a fixed valid subset with the constrained beam search (HR/NDCG@K; 0: never). Both
+    held-out evaluations also run after the last step."""
+    valid_rank_samples: int = 1000
+    """Valid prompts ranked each time: a fixed, seeded subset (0: the whole valid split)."""
+    select_by: Literal["none", "ndcg@10", "hr@10", "loss"] = "none"
+    """Keep the best checkpoint by valid NDCG@10 / HR@10 (needs valid_rank_every) or held-out loss (needs
+    eval_loss_every), apart from the rolling ones, in output_dir/best."""
+    early_stop_patience: int = 0
+    """Stop after this many evaluations of select_by in a row without a new best (0: never)."""
+    final_model: Literal["best", "last"] = "best"
+    """Which model the test eval and the HF export use when select_by picks one."""
+    label_smoothing: float = 0.0
+    """SFT loss: weight of the uniform distribution over the real vocabulary mixed into each target."""
     save_every: int = 0
     """Steps between checkpoints (0: only the last)."""
     save_last: bool = True

@@ -31,8 +31,8 @@ from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
 from sid.optim.config import OptimizerConfig
+from sid.step import init_state, make_train_step, to_global
 from sid.train import sft_loss
-from sid.trainer import init_state, make_train_step, to_global
 
 QWEN = ModelConfig(
     hidden_size=64,
@@ -227,7 +227,7 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
     relayouts = collectives(sharded[2], "all-to-all|collective-permute")
     if MESHES[mesh_name].dp > 1:
         # Except XLA's partitioning of a lookup in a row-split vocab table (Qwen2's embedding) for rows that carry
-        # the replica axis (sid.trainer._accumulate): it pairs devices up transposed and swaps results back, one
+        # the replica axis (sid.step._accumulate): it pairs devices up transposed and swaps results back, one
         # collective-permute per lookup and its index (1.5B, dp2 x fsdp4: 0.40 GB per device per step). JAX 0.11
         # names the index's after the broadcast that shapes it.
         lookup = r"jvp\(jit\(_take\)\)/(gather|broadcast_in_dim)$"
@@ -276,7 +276,7 @@ def test_tp_that_splits_heads_is_exact_but_warned_about():
 @pytest.mark.parametrize("case", ["qwen2", "nanogpt"])
 def test_dp_replicas_sum_gradients_once_per_step(case):
     # dp8: every device holds whole params, so any all-reduce inside the micro-batch loop would be a gradient
-    # reduction per micro-batch (before sid.trainer._accumulate's per-replica vmap: 1.5B at 8 micro-batches sent
+    # reduction per micro-batch (before sid.step._accumulate's per-replica vmap: 1.5B at 8 micro-batches sent
     # 49.4 GB per device per step instead of 6.2). Now each replica accumulates its rows and the sum comes once.
     single = single_device_step(case)
     sharded = step_on(MeshConfig(dp=8, fsdp=1), jax.devices(), case)

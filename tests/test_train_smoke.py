@@ -206,3 +206,30 @@ def test_letter_instruments_end_to_end(tmp_path, shared_data):
         assert len(p["predict"]) == 10
         for sid in p["predict"]:
             assert tuple(re.findall(r"<[a-d]_\d+>", sid)) in catalog
+
+
+def test_valid_ranking_during_training_equals_the_eval_of_the_same_model(tmp_path):
+    """The valid split ranked during training (whole split, last step) gives the metrics that the final eval of the
+    same model on the same split gives; the best step is the lowest held-out loss of metrics.jsonl."""
+    fixture = ROOT / "tests/fixtures/tiny"
+    data = {"source": "minionerec", "dir": str(fixture), "category": "Fixture", "max_len": 256}
+    data.update(train_file="good.csv", valid_file="good.csv", test_file="good.csv")
+    tasks = {"next_sid": True, "alignment": False, "fusion": False, "eval_prompt": "eval"}
+    eval_cfg = {"split": "valid", "num_beams": 5, "topk": (1, 5), "per_device_batch_size": 1, "prompt_buckets": (256,)}
+    job = tiny_scratch_job(tmp_path, data, tasks, eval_cfg)
+    job = replace(
+        job,
+        train={"max_steps": 4, "eval_loss_every": 2, "eval_loss_batches": 1, "valid_rank_every": 2,
+               "valid_rank_samples": 0, "select_by": "loss", "final_model": "last"},
+    )  # fmt: skip
+    summary = run_train(job)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    held_out = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in held_out] == [2, 4] and all("valid/ndcg@5" in r for r in held_out)
+    last = held_out[-1]
+    ev = summary["eval"]
+    assert (last["valid/hr@1"], last["valid/hr@5"]) == (ev["hr"]["1"], ev["hr"]["5"])
+    assert (last["valid/ndcg@1"], last["valid/ndcg@5"]) == (ev["ndcg"]["1"], ev["ndcg"]["5"])
+    best = min(held_out, key=lambda r: r["eval_loss"])
+    assert summary["train"]["best"]["step"] == best["step"]
+    assert summary["train"]["best"]["value"] == best["eval_loss"]

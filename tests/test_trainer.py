@@ -12,9 +12,11 @@ import pytest
 
 from sid.loss import cross_entropy_sum
 from sid.mesh import MeshConfig, format_bytes, make_mesh
+from sid.meter import NonFiniteLoss, TrainFlops
 from sid.run import RunDir
+from sid.step import init_state, make_train_step, to_global
 from sid.tracking import Tracker, WandbConfig
-from sid.trainer import NonFiniteLoss, TrainFlops, fit, init_state, make_train_step, to_global
+from sid.trainer import fit
 from sid.trainer_config import TrainConfig
 
 VOCAB, WIDTH, ROWS, LEN = 48, 16, 16, 8
@@ -198,7 +200,7 @@ def test_cross_entropy_vjp_scales_by_the_cotangent_and_keeps_the_loss():
         np.testing.assert_allclose(g, 0.37 * g1, rtol=1e-2, atol=1e-2 * np.abs(g1).max())
 
 
-def run_fit(tmp_path, batches, steps=8, flops=None, **overrides):
+def run_fit(tmp_path, batches, steps=8, flops=None, evaluators=(), **overrides):
     cfg = TrainConfig(
         output_dir=str(tmp_path), max_steps=steps, per_device_batch_size=2, log_every=1, progress_bar=False, **overrides
     )
@@ -217,15 +219,16 @@ def run_fit(tmp_path, batches, steps=8, flops=None, **overrides):
         run=run,
         tracker=Tracker(WandbConfig(), run_name="t", config={}),
         flops=flops,
+        evaluators=evaluators,
     )
 
 
 def test_mfu_counts_every_token_and_the_head_per_supervised_token(tmp_path, monkeypatch):
     import json
 
-    import sid.trainer
+    import sid.meter
 
-    monkeypatch.setattr(sid.trainer, "peak_flops_per_device", lambda: 1e6)
+    monkeypatch.setattr(sid.meter, "peak_flops_per_device", lambda: 1e6)
     run_fit(tmp_path, ToyBatches(), steps=5, flops=TrainFlops(per_token=10.0, per_target=1000.0))
     last = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
     # Step 1 (batch 0) compiles and is not timed; steps 2-5 draw batches 1-4.
@@ -247,7 +250,7 @@ def test_loss_decreases_and_checkpoints(tmp_path):
 
 
 def test_each_compiled_step_logs_what_it_needs_per_device(tmp_path, monkeypatch):
-    import sid.trainer
+    import sid.meter
 
     def compile_lines(run_dir):
         return [line for line in (run_dir / "train.log").read_text().splitlines() if " compiled in " in line]
@@ -260,7 +263,7 @@ def test_each_compiled_step_logs_what_it_needs_per_device(tmp_path, monkeypatch)
     assert f"train step for input_ids ({ROWS}, {LEN}) compiled in " in line
     assert line.endswith(f" s: {format_bytes(need)} per device")
     # Where the backend reports the device's memory (GPU, TPU), the line says how much of it the step takes.
-    monkeypatch.setattr(sid.trainer, "device_memory_limit", lambda: 4 * need)
+    monkeypatch.setattr(sid.meter, "device_memory_limit", lambda: 4 * need)
     run_fit(tmp_path / "limited", ToyBatches(), steps=2)
     (line,) = compile_lines(tmp_path / "limited")
     assert line.endswith(f" s: {format_bytes(need)} per device of {format_bytes(4 * need)} (25%)")

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from sid.data.config import DataConfig, TasksConfig
 from sid.data.tasks import eval_prompts, load_split
@@ -53,6 +54,56 @@ def bucketed_batches(prompts: list[list[int]], buckets: tuple[int, ...], batch: 
             yield idx, ids, mask
 
 
+class Ranker:
+    """Ranks a fixed list of prompts by trie-constrained beam search over the catalog's SIDs. The search is compiled
+    once per prompt bucket and reused across calls, so ranking the valid split during training compiles once."""
+
+    def __init__(self, tok: SIDTokenizer, catalog, prompts: list[str], eval_cfg: EvalConfig, mesh, *, desc: str):
+        newline = tok.encode("\n")
+        if len(newline) != 1:
+            raise ValueError(f'the tokenizer splits "\\n" into {newline}; the SID completion needs it as one token')
+        if eval_cfg.num_beams < max(eval_cfg.topk):
+            raise ValueError(f"eval.num_beams={eval_cfg.num_beams} is smaller than the largest K in {eval_cfg.topk}")
+        sid_ids = {t: tok.token_id(t) for t in catalog.sid_tokens()}
+        self.trie = build_trie(catalog.sids, sid_ids, (newline[0], tok.eos_id))
+        self.prompts = tok.encode_batch(prompts)
+        self.cfg, self.mesh, self.pad_id, self.desc = eval_cfg, mesh, tok.pad_id, desc
+        self.compiled: dict[tuple, Any] = {}
+        self.compile_s = self.search_s = 0.0
+        truncated = sum(len(p) > max(eval_cfg.prompt_buckets) for p in self.prompts)
+        if truncated:
+            log.warning(
+                "%d prompts are longer than the largest bucket %d and keep their last tokens",
+                truncated,
+                max(eval_cfg.prompt_buckets),
+            )
+
+    def __call__(self, model: Qwen2, *, progress: bool = False) -> list[list[str]]:
+        """Each prompt's ranked SID strings (num_beams of them)."""
+        model = jax.device_put(model, param_shardings(model, self.mesh))
+        search = sharded_beam_search(self.mesh, model, num_beams=self.cfg.num_beams)
+        batch = self.cfg.per_device_batch_size * data_parallel_size(self.mesh)
+        sharding = batch_sharding(self.mesh)
+        predictions: list[list[str] | None] = [None] * len(self.prompts)
+        bar = tqdm(total=len(self.prompts), desc=self.desc, dynamic_ncols=True) if progress else None
+        for idx, ids, mask in bucketed_batches(self.prompts, self.cfg.prompt_buckets, batch, self.pad_id):
+            ids, mask = global_array(ids, sharding), global_array(mask, sharding)
+            if ids.shape not in self.compiled:
+                tc = time.perf_counter()
+                self.compiled[ids.shape] = search.lower(model, self.trie.tables, ids, mask).compile()
+                self.compile_s += time.perf_counter() - tc
+            ts = time.perf_counter()
+            leaves = np.asarray(to_host(self.compiled[ids.shape](model, self.trie.tables, ids, mask).leaves))
+            self.search_s += time.perf_counter() - ts
+            for i, pred in zip(idx, self.trie.predictions(leaves[: len(idx)]), strict=True):
+                predictions[i] = pred
+            if bar is not None:
+                bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        return predictions
+
+
 def evaluate(
     model: Qwen2,
     tok: SIDTokenizer,
@@ -64,81 +115,45 @@ def evaluate(
     run: RunDir,
     tracker: Tracker,
     split_data: tuple | None = None,
-    progress: bool = True,
 ) -> dict[str, Any]:
-    """Beam-search every prompt of `eval_cfg.split` and score the predictions against the targets.
+    """Beam-search every prompt of `eval_cfg.split`, score the predictions against the targets, write the
+    predictions files; returns run_summary.json's `eval` section.
 
     `split_data` is `load_split`'s result when the caller already read the split."""
     interactions, catalog, bad_rows = split_data or load_split(data_cfg, eval_cfg.split, run_dir=run.path)
     pairs = eval_prompts(interactions, tasks_cfg)
     if eval_cfg.max_samples:
         pairs = pairs[: eval_cfg.max_samples]
-    newline = tok.encode("\n")
-    if len(newline) != 1:
-        raise ValueError(f'the tokenizer splits "\\n" into {newline}; the SID completion needs it as one token')
-    trie = build_trie(catalog.sids, {t: tok.token_id(t) for t in catalog.sid_tokens()}, (newline[0], tok.eos_id))
-    if eval_cfg.num_beams < max(eval_cfg.topk):
-        raise ValueError(f"eval.num_beams={eval_cfg.num_beams} is smaller than the largest K in {eval_cfg.topk}")
-    prompts = tok.encode_batch([p for p, _ in pairs])
     targets = [t for _, t in pairs]
-    truncated = sum(len(p) > max(eval_cfg.prompt_buckets) for p in prompts)
-    if truncated:
-        log.warning(
-            "%d prompts are longer than the largest bucket %d and keep their last tokens",
-            truncated,
-            max(eval_cfg.prompt_buckets),
-        )
-
-    model = jax.device_put(model, param_shardings(model, mesh))
-    search = sharded_beam_search(mesh, model, num_beams=eval_cfg.num_beams)
-    tables = trie.tables
-    batch = eval_cfg.per_device_batch_size * data_parallel_size(mesh)
-    sharding = batch_sharding(mesh)
-    predictions: list[list[str] | None] = [None] * len(prompts)
-    compiled, compile_s, search_s = {}, 0.0, 0.0
-    bar = None
-    if progress and run.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(prompts), desc=f"eval {eval_cfg.split}", dynamic_ncols=True)
+    ranker = Ranker(tok, catalog, [p for p, _ in pairs], eval_cfg, mesh, desc=f"eval {eval_cfg.split}")
     t0 = time.perf_counter()
-    for idx, ids, mask in bucketed_batches(prompts, eval_cfg.prompt_buckets, batch, tok.pad_id):
-        ids, mask = global_array(ids, sharding), global_array(mask, sharding)
-        if ids.shape not in compiled:
-            tc = time.perf_counter()
-            compiled[ids.shape] = search.lower(model, tables, ids, mask).compile()
-            compile_s += time.perf_counter() - tc
-        ts = time.perf_counter()
-        out = compiled[ids.shape](model, tables, ids, mask)
-        leaves = np.asarray(to_host(out.leaves))
-        search_s += time.perf_counter() - ts
-        for i, pred in zip(idx, trie.predictions(leaves[: len(idx)]), strict=True):
-            predictions[i] = pred
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+    predictions = ranker(model, progress=run.main)
     wall = time.perf_counter() - t0
-
     metrics = ranking_metrics(predictions, targets, eval_cfg.topk, set(catalog.sids.values()))
     if run.main:
-        write_predictions(run.path / eval_cfg.predictions_file, targets, predictions)
-        items_by_sid = catalog.items_by_sid
-        with open(run.path / "predictions_items.jsonl", "w") as f:
-            for target, pred in zip(targets, predictions, strict=True):
-                ranked = explain(pred[:EXPLAINED_TOP], items_by_sid, catalog.titles)
-                f.write(json.dumps({"target": target, "top": ranked}) + "\n")
+        _write_results(run, eval_cfg, targets, predictions, catalog)
     log.info(
         "eval on %s (%d samples, %d beams):\n%s", eval_cfg.split, metrics.n_samples, eval_cfg.num_beams, metrics.table()
     )
+    samples_per_s = len(predictions) / ranker.search_s if ranker.search_s else None
     result = {
         **metrics.to_dict(),
         "n_beams": eval_cfg.num_beams,
         "split": eval_cfg.split,
-        "samples_per_s": len(prompts) / search_s if search_s else None,
-        "compile_s": compile_s,
+        "samples_per_s": samples_per_s,
+        "compile_s": ranker.compile_s,
         "wall_s": wall,
         "bad_rows": bad_rows.as_dict(),
     }
-    tracker.log({**metrics.flat(), "eval/samples_per_s": result["samples_per_s"] or 0.0}, step=0)
+    tracker.log({**metrics.flat(), "eval/samples_per_s": samples_per_s or 0.0}, step=0)
     return result
+
+
+def _write_results(run: RunDir, eval_cfg: EvalConfig, targets, predictions, catalog) -> None:
+    """predictions.json (calc.py's schema) and predictions_items.jsonl (the top predictions as items and titles)."""
+    write_predictions(run.path / eval_cfg.predictions_file, targets, predictions)
+    items_by_sid = catalog.items_by_sid
+    with open(run.path / "predictions_items.jsonl", "w") as f:
+        for target, pred in zip(targets, predictions, strict=True):
+            ranked = explain(pred[:EXPLAINED_TOP], items_by_sid, catalog.titles)
+            f.write(json.dumps({"target": target, "top": ranked}) + "\n")

@@ -10,9 +10,9 @@ import jax
 
 from sid.compat.hf import load_qwen2
 from sid.data.tokenizer import SIDTokenizer
+from sid.meter import TrainFlops
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab, resize_vocab, unpad_vocab
-from sid.trainer import TrainFlops
 
 
 def build_model(cfg: ModelConfig, tok: SIDTokenizer) -> tuple[Qwen2, dict[str, Any]]:

@@ -1,0 +1,191 @@
+"""What a run reports while it trains: throughput, MFU, each compiled step's memory, the per-step log line,
+metrics.jsonl, W&B and the progress bar. The loop hands it each step's device metrics; it reads them one step late
+so that dispatch stays asynchronous, and refuses non-finite values before anything downstream trusts them."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from sid.mesh import format_bytes
+from sid.run import RunDir
+from sid.tracking import Tracker
+
+log = logging.getLogger("sid")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm became NaN/Inf; training stopped and the last good checkpoint was kept."""
+
+
+class TrainFlops(NamedTuple):
+    """Model FLOPs of training, as MFU counts them: `per_token` for every real token (the layers' matmuls and
+    attention), and `per_target` more for each supervised token (the head's matmul, which the loss computes only for
+    those: sid.loss). With every token supervised that is the usual 6N + attention per token."""
+
+    per_token: float
+    per_target: float
+
+    def __call__(self, tokens: float, targets: float) -> float:
+        return self.per_token * tokens + self.per_target * targets
+
+
+_PEAK_FLOPS = {  # dense bf16 per device
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+    "tpu v6": 918e12,
+    "tpu v5 lite": 197e12,
+    "tpu v5e": 197e12,
+    "tpu v5": 459e12,
+    "tpu v4": 275e12,
+}
+
+
+def peak_flops_per_device() -> float | None:
+    """Peak bf16 FLOP/s of the local device kind, or None where unknown (e.g. CPU): MFU is then not reported."""
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)
+
+
+def device_memory_limit() -> int | None:
+    """Bytes a local device can allocate (None where the backend has no allocator stats, e.g. CPU)."""
+    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def log_step_memory(need: int | None, signature: tuple, seconds: float) -> None:
+    """One line per compiled step shape: how long it took and what it needs per device (`step_memory_bytes`),
+    against what the device has where the backend says (a mode such as `train.gather_params_once` shows its cost
+    here before a long run)."""
+    shapes = ", ".join(f"{k} {tuple(shape)}" for k, shape in signature if k == "input_ids") or str(signature)
+    limit = device_memory_limit()
+    memory = "" if need is None else f": {format_bytes(need)} per device"
+    if need is not None and limit:
+        memory += f" of {format_bytes(limit)} ({100 * need / limit:.0f}%)"
+    log.info("train step for %s compiled in %.1f s%s", shapes, seconds, memory)
+
+
+def task_losses(m: dict[str, Any]) -> dict[str, float]:
+    """`loss/<task>` means from a step's additive `loss_sum/<task>` and `tokens/<task>` stats (tasks with tokens)."""
+    out = {}
+    for key, total in m.items():
+        if key.startswith("loss_sum/"):
+            task = key.removeprefix("loss_sum/")
+            if int(m[f"tokens/{task}"]) > 0:
+                out[f"loss/{task}"] = float(total) / int(m[f"tokens/{task}"])
+    return out
+
+
+class Meter:
+    """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end."""
+
+    def __init__(
+        self,
+        *,
+        run: RunDir,
+        tracker: Tracker,
+        total_steps: int,
+        start: int,
+        log_every: int,
+        flops: TrainFlops | None,
+        n_devices: int,
+        progress_bar: bool,
+        last_good: Callable[[], str],
+    ):
+        self.run, self.tracker, self.total, self.start, self.log_every = run, tracker, total_steps, start, log_every
+        self.flops, self.n_devices, self.peak, self.last_good = flops, n_devices, peak_flops_per_device(), last_good
+        self.pending: tuple[int, Any] | None = None
+        self.tokens = self.targets = self.timed_steps = 0
+        self.timed_s, self.last_loss = 0.0, float("nan")
+        self.bar = None
+        if progress_bar and run.main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train")
+        self.t_last = time.perf_counter()
+
+    def push(self, step: int, metrics: Any) -> None:
+        """Hand over step `step`'s device metrics; the previous step's are read now."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def restart_clock(self) -> None:
+        """Time spent since the last step (a held-out evaluation, a save) is not training time."""
+        self.t_last = time.perf_counter()
+
+    def flush(self) -> None:
+        """Read the pending step's metrics: check them, count them, log them."""
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        m = jax.device_get(metrics)
+        self._check_finite(step, m)
+        now = time.perf_counter()
+        dt, self.t_last = now - self.t_last, now
+        self.last_loss = float(m["loss"])
+        if step > self.start + 1:  # the first step includes compilation
+            self.tokens += int(m["tokens"])
+            self.targets += int(m["supervised_tokens"])
+            self.timed_s += dt
+            self.timed_steps += 1
+        record = {"step": step, "loss": self.last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
+        record.update(tokens_per_s=self.tokens_per_s, step_time_s=dt, mfu=self.mfu, **task_losses(m))
+        self._show(record)
+
+    def _check_finite(self, step: int, m: dict[str, Any]) -> None:
+        # A non-finite gradient norm already poisoned this step's update: stop before it can be saved.
+        for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
+            if not math.isfinite(float(m[key])):
+                raise NonFiniteLoss(
+                    f"non-finite {name} {float(m[key])} at step {step}; stopped. Last good checkpoint: "
+                    f"{self.last_good()}"
+                )
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.timed_s if self.timed_s > 0 else 0.0
+
+    @property
+    def mfu(self) -> float | None:
+        if not (self.peak and self.flops and self.timed_s):
+            return None
+        return self.flops(self.tokens, self.targets) / self.timed_s / (self.peak * self.n_devices)
+
+    def _show(self, record: dict[str, Any]) -> None:
+        step, mfu = record["step"], record["mfu"]
+        if self.bar is not None:
+            post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{self.tokens_per_s:,.0f}"}
+            if mfu is not None:
+                post["mfu"] = f"{100 * mfu:.1f}%"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        if step % self.log_every and step != self.total:
+            return
+        self.run.append_metrics(record)
+        tasks = {f"train/{k}": v for k, v in record.items() if k.startswith("loss/")}
+        logged = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"]}
+        perf = {"perf/tokens_per_s": self.tokens_per_s, **({"perf/mfu": mfu} if mfu is not None else {})}
+        self.tracker.log({**logged, **tasks, **perf}, step)
+        if self.bar is None:
+            per_task = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f tok/s %.0f%s",
+                *(step, self.total, record["loss"], record["lr"], record["grad_norm"], self.tokens_per_s, per_task),
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "final_loss": self.last_loss,
+            "tokens_per_s": self.tokens_per_s if self.timed_s > 0 else None,
+            "step_time_s": self.timed_s / self.timed_steps if self.timed_steps else None,
+        }
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
