@@ -1,5 +1,7 @@
 """The training engine: sharding, accumulation, NaN and SIGTERM handling, chunked cross-entropy."""
 
+import dataclasses
+import json
 import os
 import signal
 
@@ -377,3 +379,42 @@ def test_cross_entropy_computes_every_chunk_a_group_needs(monkeypatch):
     np.testing.assert_allclose(float(total), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(dh), ref_dh, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-4, atol=1e-5)
+
+
+def test_per_task_losses_from_the_loss_stats_add_up_to_the_step_loss(tmp_path):
+    """A loss that reports sums per group (here: even and odd positions) gets them summed over micro-batches and
+    logged as means; token-weighted, they give the step's loss."""
+
+    def grouped_loss(model, batch, key):
+        h = model(batch["input_ids"])
+        parts = {}
+        for name, keep in (("even", 0), ("odd", 1)):
+            t = jnp.where(jnp.arange(LEN) % 2 == keep, batch["targets"], -100)
+            parts[name] = cross_entropy_sum(h, model.embed, t, valid_vocab=VOCAB, compute_dtype=jnp.float32)
+        total = sum(p[0] for p in parts.values())
+        stats = {f"loss_sum/{k}": p[0] for k, p in parts.items()} | {f"tokens/{k}": p[1] for k, p in parts.items()}
+        return total, sum(p[1] for p in parts.values()), stats
+
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=3, per_device_batch_size=1, grad_accum_steps=2, log_every=1)
+    sched = optax.constant_schedule(0.05)
+    fit(
+        model=toy_model(), loss_fn=grouped_loss, optimizer=optax.adam(sched), lr_schedule=sched,
+        batches=ToyBatches(), total_steps=3, cfg=dataclasses.replace(cfg, progress_bar=False),
+        mesh=make_mesh(MeshConfig()), run=RunDir(cfg.output_dir, cfg),
+        tracker=Tracker(WandbConfig(), run_name="t", config={}),
+    )  # fmt: skip
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):
+        t = toy_batch(i)["targets"]
+        n_even, n_odd = int((t[:, 0::2] >= 0).sum()), int((t[:, 1::2] >= 0).sum())
+        assert n_even > 0 and n_odd > 0
+        weighted = (r["loss/even"] * n_even + r["loss/odd"] * n_odd) / (n_even + n_odd)
+        assert weighted == pytest.approx(r["loss"], rel=1e-5)
+    # Step 1 is the initial model's loss: each group's mean against a float64 NumPy oracle.
+    model, b = toy_model(), toy_batch(0)
+    logits = np.asarray(model(b["input_ids"]), np.float64) @ np.asarray(model.embed, np.float64).T
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    for name, keep in (("even", 0), ("odd", 1)):
+        mask = (b["targets"] >= 0) & (np.arange(LEN) % 2 == keep)
+        picked = np.take_along_axis(logp, np.maximum(b["targets"], 0)[..., None], -1)[..., 0]
+        assert records[0][f"loss/{name}"] == pytest.approx(-picked[mask].mean(), rel=1e-5)
