@@ -22,29 +22,15 @@ from sid.data.pipeline import BatchPlan
 from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
-from sid.loss import cross_entropy_sum
+from sid.loss import sft_loss
 from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning, traced_on
 from sid.models.build import build_model, num_params, token_extension, train_flops
-from sid.models.layers import DTYPES
-from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
-
-
-def sft_loss(model: Qwen2, batch, key):
-    """Sum of next-token losses over supervised (completion) tokens of a packed batch."""
-    hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    return cross_entropy_sum(
-        hidden,
-        model.head_weight(),
-        batch["targets"],
-        valid_vocab=model.valid_vocab,
-        compute_dtype=DTYPES[model.config.compute_dtype],
-    )
 
 
 def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
