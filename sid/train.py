@@ -22,7 +22,7 @@ from sid.data.pipeline import BatchPlan
 from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.jobs import TrainJob
-from sid.loss import sft_loss
+from sid.loss import sft_loss as sft_loss_with_stats
 from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning, traced_on
 from sid.models.build import build_model, num_params, token_extension, train_flops
 from sid.paths import resolve
@@ -31,6 +31,12 @@ from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer, to_global
 
 log = logging.getLogger("sid")
+
+
+def sft_loss(model, batch, key):
+    """`sid.loss.sft_loss` without its per-task stats: the (loss sum, token count) contract of this branch's
+    trainer. Revert this once the trainer takes the stats."""
+    return sft_loss_with_stats(model, batch, key)[:2]
 
 
 def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
