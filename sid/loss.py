@@ -10,6 +10,9 @@ differentiation (held-out loss) only the loss is computed.
 
 Only tokens with a target need the head at all, and in SFT those are the completions, a sixth of the tokens. Each
 device's tokens are reordered supervised-first, and chunks past the last supervised token are skipped by a branch.
+
+Label smoothing (optional) spreads its mass over the valid vocab only. Per-task loss sums (`cross_entropy_by_task`,
+`sft_loss`'s stats) are summed from the per-token losses inside the same chunk loop: no second pass over the head.
 """
 
 from __future__ import annotations

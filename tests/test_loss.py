@@ -11,6 +11,7 @@ import sid.loss
 from sid.data.pipeline import NO_TASK, BatchPlan
 from sid.data.tasks import TASKS
 from sid.loss import cross_entropy_by_task, cross_entropy_sum, sft_loss
+from sid.mesh import MeshConfig, make_mesh, traced_on
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
 
@@ -66,6 +67,29 @@ def test_loss_per_task_sums_and_gradients_equal_a_float64_oracle(monkeypatch, ep
     # cross_entropy_sum is the same loss without tasks.
     no_tasks = cross_entropy_sum(*args, jnp.asarray(t), valid_vocab=11, compute_dtype=jnp.float32, label_smoothing=eps)
     np.testing.assert_allclose(float(no_tasks[0]), want_loss, rtol=1e-5)
+
+
+def test_per_task_sums_over_a_mesh_equal_one_device(monkeypatch):
+    """Rows split over 8 devices, several chunks: the per-task sums come out of the chunk loop reduced over devices."""
+    monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 2 * 8 * 13)  # 2 tokens per device per chunk
+    r = np.random.default_rng(3)
+    h, w = r.normal(size=(8, 6, 8)), r.normal(size=(13, 8))
+    t = np.where(r.random((8, 6)) < 0.5, r.integers(0, 11, (8, 6)), -100)
+    tasks = np.where(t >= 0, r.integers(0, 3, (8, 6)), NO_TASK)
+    want_loss, want_tasks, _, _ = oracle(h, w, t, tasks, 11, 0.1, 3)
+    mesh = make_mesh(MeshConfig(fsdp=8))
+
+    def f(h, w):
+        return cross_entropy_by_task(
+            h, w, jnp.asarray(t), jnp.asarray(tasks), num_tasks=3, valid_vocab=11, compute_dtype=jnp.float32,
+            label_smoothing=0.1,
+        )  # fmt: skip
+
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    loss, n, per_task = jax.jit(traced_on(mesh, f))(jax.device_put(jnp.asarray(h, jnp.float32), rows), jnp.asarray(w))
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(per_task), want_tasks, rtol=1e-5)
+    np.testing.assert_allclose(float(np.asarray(per_task).sum()), float(loss), rtol=1e-5)  # every token has a task
 
 
 def test_smoothing_changes_the_loss_and_bad_smoothing_is_refused():
