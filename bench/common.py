@@ -72,10 +72,10 @@ def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
 
 
 def sft_train_step(static, optimizer, lr, *, mesh, state_sharding, spec: dict[str, Any]):
-    """sid's jitted SFT step (`sid.step.make_train_step` + `sid.train.sft_loss`) for a benchmark's `spec` (its
+    """sid's jitted SFT step (`sid.step.make_train_step` + `sid.loss.sft_loss`) for a benchmark's `spec` (its
     `accum` micro-batches and `gather_once` mode)."""
+    from sid.loss import sft_loss
     from sid.step import make_train_step
-    from sid.train import sft_loss
 
     return make_train_step(
         static,

@@ -1,6 +1,6 @@
 """What a sharded train step (or beam search) sends between devices, read from its HLO: no accelerator needed.
 
-Compiles sid's train step (sid.step.make_train_step + sid.train.sft_loss) for the Qwen2.5 architectures on a
+Compiles sid's train step (sid.step.make_train_step + sid.loss.sft_loss) for the Qwen2.5 architectures on a
 (dp, fsdp, tp) mesh of simulated CPU devices, from abstract params (nothing is allocated, so 1.5B compiles on a
 laptop), and sums every collective's per-device output bytes, each weighted by how often it runs in one optimizer
 step (the trip counts of the layer and micro-batch loops around it). Reported per kind, split into the forward /

@@ -1,4 +1,4 @@
-"""Training throughput of the sharded jitted step (sid.step.make_train_step + sid.train.sft_loss) on the
+"""Training throughput of the sharded jitted step (sid.step.make_train_step + sid.loss.sft_loss) on the
 Qwen2.5-0.5B / 1.5B architectures, with AdamW and the Muons, and of `transformers` + torch on the same shapes.
 
 Measured per configuration, each in a fresh process: real (non-padding) tokens/s over timed steps after warmup,

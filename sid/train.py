@@ -7,6 +7,7 @@ the shared trainer → HF export of the final model (RUN_DIR/model) → trie-con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -24,10 +25,9 @@ from sid.eval.config import EvalConfig
 from sid.eval.held_out import HeldOutLoss, ValidRanking
 from sid.eval.runner import evaluate
 from sid.jobs import TrainJob
-from sid.loss import cross_entropy_sum
+from sid.loss import sft_loss
 from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning
 from sid.models.build import build_model, num_params, token_extension, train_flops
-from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
 from sid.run import RunDir, load_dotenv
@@ -36,18 +36,6 @@ from sid.trainer import check_output_dir, fit, make_optimizer
 from sid.trainer_config import TrainConfig
 
 log = logging.getLogger("sid")
-
-
-def sft_loss(model: Qwen2, batch, key):
-    """Sum of next-token losses over supervised (completion) tokens of a packed batch."""
-    hidden = model(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    return cross_entropy_sum(
-        hidden,
-        model.head_weight(),
-        batch["targets"],
-        valid_vocab=model.valid_vocab,
-        compute_dtype=DTYPES[model.config.compute_dtype],
-    )
 
 
 def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
@@ -138,7 +126,7 @@ def run_train(job: TrainJob) -> dict:
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
-    loss_fn = sft_loss
+    loss_fn = functools.partial(sft_loss, label_smoothing=job.train.label_smoothing)
     model, train = fit(
         model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr, batches=batches, total_steps=steps,
         cfg=job.train, mesh=mesh, run=run, tracker=tracker, flops=train_flops(model, job.data.max_len),

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import sid.loss
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
+from sid.loss import sft_loss
 from sid.mesh import (
     MeshConfig,
     device_bytes,
@@ -32,7 +33,6 @@ from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
 from sid.optim.config import OptimizerConfig
 from sid.step import init_state, make_train_step, to_global
-from sid.train import sft_loss
 
 QWEN = ModelConfig(
     hidden_size=64,

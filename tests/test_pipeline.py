@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sid.data.pipeline import IGNORE_INDEX, BatchPlan
+from sid.data.pipeline import IGNORE_INDEX, NO_TASK, BatchPlan
 
 MAX_LEN = 64
 ROWS = 8
@@ -99,6 +99,29 @@ def test_an_epoch_holds_every_sample_once_whole_and_steps_per_epoch_is_exact(pac
     for b in batches:
         assert b["input_ids"].shape[0] == ROWS
         assert b["input_ids"].shape[1] == MAX_LEN if pack else b["input_ids"].shape[1] in BUCKETS
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_task_ids_mark_each_samples_supervised_targets_with_its_task(pack):
+    tasked = [dict(s, task_id=i % 5) for i, s in enumerate(SAMPLES)]
+    task_of = {tuple(truncated(s)[0].tolist()): s["task_id"] for s in tasked}
+    p = plan(tasked, pack=pack)
+    found = 0
+    for batch in p.eval_batches():
+        tasks, tgt, seg, ids = batch["task_ids"], batch["targets"], batch["segment_ids"], batch["input_ids"]
+        assert tasks.dtype == np.int32 and tasks.shape == ids.shape
+        assert (tasks[tgt == IGNORE_INDEX] == NO_TASK).all()
+        for r, s in {(r, seg[r, c]) for r, c in zip(*np.nonzero(seg), strict=True)}:
+            where = seg[r] == s
+            want = task_of[tuple(ids[r, where].tolist())]
+            np.testing.assert_array_equal(tasks[r, where], np.where(tgt[r, where] >= 0, want, NO_TASK))
+            found += 1
+    assert found == len(SAMPLES)
+    # Samples without a task_id: every position is NO_TASK; a bad task_id is refused.
+    assert all((b["task_ids"] == NO_TASK).all() for b in plan().eval_batches())
+    for bad in (-2, 1.5, True, "next_sid"):
+        with pytest.raises(ValueError, match="task_id"):
+            BatchPlan([dict(SAMPLES[0], task_id=bad)], rows_per_step=1, max_len=MAX_LEN)
 
 
 def naive_best_fit_decreasing(lengths, capacity) -> int:

@@ -285,3 +285,97 @@ def test_train_flops_count_the_head_per_supervised_token(tied):
     assert flops.per_target == 6 * 40 * 16  # the head: the embedding when tied, lm_head otherwise
     assert flops.per_token == 6 * layers + 12 * 2 * 4 * 4 * 10  # + attention: layers x heads x head_dim x seq
     assert flops(100, 30) == 100 * flops.per_token + 30 * flops.per_target
+
+
+# --- dropout -----------------------------------------------------------------------------------------------------
+
+DROP = dataclasses.replace(CFG, attention_dropout=0.25, residual_dropout=0.25)
+
+
+def with_config(m: Qwen2, **changes) -> Qwen2:
+    """The same weights under other (non-architecture) config fields."""
+    return dataclasses.replace(m, config=dataclasses.replace(m.config, **changes))
+
+
+def _train_forward(m, ids, positions, segments, key):
+    return m(ids, positions, segments, key=key)
+
+
+def test_dropout_acts_only_with_a_key_and_is_a_function_of_the_key(model):
+    dropped = with_config(model, attention_dropout=0.25, residual_dropout=0.25)  # same weights
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    pos, seg = jnp.broadcast_to(jnp.arange(12), (2, 12)), jnp.ones((2, 12), jnp.int32)
+    fwd = eqx.filter_jit(_train_forward)
+    plain = np.asarray(fwd(model, ids, pos, seg, None))
+    np.testing.assert_array_equal(np.asarray(fwd(dropped, ids, pos, seg, None)), plain)  # eval: no dropout
+    np.testing.assert_array_equal(np.asarray(fwd(model, ids, pos, seg, jax.random.key(1))), plain)  # rates 0
+    a, b = (np.asarray(fwd(dropped, ids, pos, seg, jax.random.key(k))) for k in (1, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, plain, atol=1e-2)
+    assert not np.allclose(a, np.asarray(fwd(dropped, ids, pos, seg, jax.random.key(2))), atol=1e-2)
+    with pytest.raises(ValueError, match="model.residual_dropout"):
+        Qwen2.init(dataclasses.replace(CFG, residual_dropout=1.0), key=jax.random.key(0))
+
+
+def test_residual_dropout_zeroes_the_expected_fraction_and_rescales_the_rest(model):
+    """A layer whose MLP outputs 0: out - x is the attention branch, dropped at rate p (and scaled by 1/(1-p))."""
+    from sid.models.layers import rope_cos_sin
+    from sid.models.qwen2 import attention_mask, dot_product_attention
+
+    layer = jax.tree.map(lambda a: a[0], model.layers)
+    layer = eqx.tree_at(lambda m: m.mlp.down_proj.weight, layer, jnp.zeros_like(layer.mlp.down_proj.weight))
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(4, 32, CFG.hidden_size)), jnp.float32)
+    order = jnp.broadcast_to(jnp.arange(32), (4, 32))
+    cos, sin = rope_cos_sin(order, model.config.head_dim, CFG.rope_theta)
+    mask = attention_mask(jnp.ones_like(order), order, jnp.ones_like(order), order)
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, mask, "xla"), None
+
+    p = 0.3
+    branch = np.asarray(layer(x, cos, sin, attend)[0] - x)
+    dropped = np.asarray(layer(x, cos, sin, attend, residual_dropout=p, key=jax.random.key(5))[0] - x)
+    zero = dropped == 0
+    assert not (branch == 0).any()
+    assert abs(zero.mean() - p) < 0.02  # 16,384 draws: 5 standard deviations
+    np.testing.assert_allclose(dropped[~zero], branch[~zero] / (1 - p), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_dropout_drops_probabilities_at_the_rate_and_rescales_the_rest():
+    """Values are one-hot per key position, so each output row is its query's (dropped) attention probabilities."""
+    from sid.models.qwen2 import attention_mask, dropout_attention
+
+    b, t, heads, kv_heads, p = 4, 32, 4, 2, 0.3
+    r = np.random.default_rng(6)
+    q, k = r.normal(size=(b, t, heads, t)), r.normal(size=(b, t, kv_heads, t))
+    v = np.broadcast_to(np.eye(t)[None, :, None, :], (b, t, kv_heads, t))
+    order = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(jnp.ones_like(order), order, jnp.ones_like(order), order)
+    out = np.asarray(dropout_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), mask, p, jax.random.key(7)))
+    kh = np.repeat(k, heads // kv_heads, axis=2)  # query head h uses kv head h // 2
+    scores = np.einsum("bthd,bshd->bhts", q, kh) / np.sqrt(t)
+    causal = np.tril(np.ones((t, t), bool))
+    scores = np.where(causal, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = (probs / probs.sum(-1, keepdims=True)).transpose(0, 2, 1, 3)  # [b, t, heads, s]
+    visible = np.broadcast_to(causal[None, :, None, :], out.shape)
+    assert not out[~visible].any()
+    kept = visible & (out != 0)
+    assert abs(1 - kept.sum() / visible.sum() - p) < 0.025  # 8,448 visible probabilities: 5 standard deviations
+    np.testing.assert_allclose(out[kept], probs[kept] / (1 - p), rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_under_remat_recomputes_the_same_masks():
+    """Full remat reruns each layer's forward in the backward pass: the same per-layer keys, so the same masks and
+    the same gradients as without remat."""
+    m = Qwen2.init(DROP, key=jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(8).integers(0, CFG.vocab_size, (2, 10)), jnp.int32)
+    pos, seg = jnp.broadcast_to(jnp.arange(10), (2, 10)), jnp.ones((2, 10), jnp.int32)
+
+    def loss(m):
+        return jnp.sum(m.logits(m(ids, pos, seg, key=jax.random.key(3)))[..., :5] ** 2)
+
+    grads = [eqx.filter_jit(eqx.filter_grad(loss))(with_config(m, remat=r)) for r in ("none", "full")]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        # Float order differs between the two programs; another mask would move gradients by their own size.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))

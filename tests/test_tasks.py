@@ -9,7 +9,7 @@ import pytest
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
 from sid.data.errors import CSVSyntaxError, MissingTitlesError
 from sid.data.minionerec import load_catalog, read_csv
-from sid.data.tasks import build_sft_samples, encode, encode_all, eval_prompts, load_split
+from sid.data.tasks import TASKS, build_sft_samples, encode, encode_all, eval_prompts, load_split
 from sid.data.tokenizer import build_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -190,3 +190,9 @@ def test_encode_all_equals_encode_one_by_one(shared_data):
         ):
             assert got["input_ids"].dtype == want["input_ids"].dtype
             assert (got["input_ids"] == want["input_ids"]).all() and (got["loss_mask"] == want["loss_mask"]).all()
+            assert got["task_id"] == want["task_id"]
+    # Each sample carries its task's index in TASKS (what the batches' task_ids hold).
+    assert [TASKS[e["task_id"]] for e in encode_all(samples, tok, 64)] == [s.task for s in samples]
+    assert {s.task for s in samples} == set(TASKS)  # every task, so every index is exercised
+    with pytest.raises(ValueError, match="unknown SFT task 'ranking'"):
+        encode_all([dataclasses.replace(samples[0], task="ranking")], tok, 64)

@@ -226,6 +226,10 @@ def test_valid_ranking_during_training_equals_the_eval_of_the_same_model(tmp_pat
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     held_out = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in held_out] == [2, 4] and all("valid/ndcg@5" in r for r in held_out)
+    # One task here, so its held-out loss is the whole one; the train records carry it per step too.
+    assert all(r["eval_loss/next_sid"] == pytest.approx(r["eval_loss"], rel=1e-6) for r in held_out)
+    train_records = [r for r in records if "loss" in r]
+    assert all(r["loss/next_sid"] == pytest.approx(r["loss"], rel=1e-5) for r in train_records)
     last = held_out[-1]
     ev = summary["eval"]
     assert (last["valid/hr@1"], last["valid/hr@5"]) == (ev["hr"]["1"], ev["hr"]["5"])

@@ -2,9 +2,9 @@
 
 Owns how samples are laid out in batches (packed rows with segment ids, or length buckets), the per-epoch
 shuffle, the exact number of steps per epoch, the per-host slice of each global batch, and the checkpointable
-iterator state. Tokenizing is the caller's `encode(record) -> dict(input_ids, loss_mask)`; it runs lazily inside
-Grain's map, once per sample per epoch on the host that owns the sample's row, plus once per sample up front for
-the length pass.
+iterator state. Tokenizing is the caller's `encode(record) -> dict(input_ids, loss_mask[, task_id])`; it runs
+lazily inside Grain's map, once per sample per epoch on the host that owns the sample's row, plus once per sample
+up front for the length pass.
 
 Layout. The length pass gives every sample's token count (truncated to `max_len`). From the lengths alone a
 static *template* is built once:
@@ -32,8 +32,12 @@ import numpy as np
 IGNORE_INDEX = -100
 """Target value of positions that are not supervised (prompt, padding, the last token of a segment)."""
 
-BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets")
-"""The arrays of every batch, each int32 [rows, length]."""
+NO_TASK = -1
+"""`task_ids` value of positions that are not supervised, and of samples that name no task."""
+
+BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "task_ids")
+"""The arrays of every batch, each int32 [rows, length]. `task_ids` is the sample's task (its `task_id`, an index
+into `sid.data.tasks.TASKS`) where the target is supervised, NO_TASK elsewhere."""
 
 Batch = dict[str, np.ndarray]
 # One global batch of a plan: (row length, rows); a row is the array of the sample indices packed into it
@@ -41,19 +45,23 @@ Batch = dict[str, np.ndarray]
 PlannedBatch = tuple[int, list[np.ndarray]]
 
 
-def _checked_sample(sample: Mapping[str, Any], index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validates one tokenized sample: equal 1-D shapes, at least one token, integer ids and a bool mask."""
+def _checked_sample(sample: Mapping[str, Any], index: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Validates one tokenized sample: equal 1-D shapes, at least one token, integer ids and a bool mask, and an
+    integer `task_id` (NO_TASK if it has none). Returns (ids, mask, task)."""
     try:
         ids, mask = np.asarray(sample["input_ids"]), np.asarray(sample["loss_mask"])
-    except (KeyError, TypeError) as e:
+        task = sample.get("task_id", NO_TASK)
+    except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"sample {index}: expected dict(input_ids=..., loss_mask=...), got {type(sample)}") from e
+    if not isinstance(task, int | np.integer) or isinstance(task, bool) or task < NO_TASK:
+        raise ValueError(f"sample {index}: task_id must be an integer >= {NO_TASK}, got {task!r}")
     if ids.ndim != 1 or mask.shape != ids.shape:
         raise ValueError(f"sample {index}: input_ids {ids.shape} and loss_mask {mask.shape} must be equal 1-D shapes")
     if ids.size == 0:
         raise ValueError(f"sample {index}: no tokens")
     if not np.issubdtype(ids.dtype, np.integer) or mask.dtype != np.bool_:
         raise ValueError(f"sample {index}: input_ids must be integers and loss_mask bool, got {ids.dtype}/{mask.dtype}")
-    return ids, mask
+    return ids, mask, int(task)
 
 
 def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, int]:
@@ -190,7 +198,7 @@ class BatchPlan:
                 batches.append((length, chunk + [empty] * (rows - len(chunk))))
         return [batches[i] for i in rng.permutation(len(batches)).tolist()]
 
-    def _encoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+    def _encoded(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         record = self.records[index]
         return _checked_sample(record if self.encode is None else self.encode(record), index)
 
@@ -207,10 +215,11 @@ class BatchPlan:
         length, planned = batch[0], batch[1][rows]
         out = {k: np.zeros((len(planned), length), dtype=np.int32) for k in BATCH_KEYS}
         out["targets"].fill(IGNORE_INDEX)
+        out["task_ids"].fill(NO_TASK)
         for r, samples in enumerate(planned):
             start = 0
             for segment, index in enumerate(samples.tolist(), start=1):
-                ids, mask = self._encoded(index)
+                ids, mask, task = self._encoded(index)
                 ids, mask = ids[-self.max_len :], mask[-self.max_len :]
                 if len(ids) != self.lengths[index]:
                     raise RuntimeError(
@@ -223,6 +232,7 @@ class BatchPlan:
                 out["segment_ids"][r, start:end] = segment
                 # Position t predicts token t+1 of the same sample, and only where that token is supervised.
                 out["targets"][r, start : end - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+                out["task_ids"][r, start : end - 1] = np.where(mask[1:], task, NO_TASK)
                 start = end
         return out
 

@@ -38,6 +38,10 @@ TITLE_HISTORY_INSTRUCTION = (
 )
 
 
+TASKS = ("next_sid", "sid2title", "title2sid", "fusion", "title_history")
+"""Every SFT task name (`Sample.task`); a batch's `task_ids` index into this tuple."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One SFT example: the framed prompt, the completion (`OUTPUT + "\\n"`, EOS added when encoding), its task."""
@@ -141,23 +145,28 @@ def build_sft_samples(
     return out
 
 
-def encode(sample: Sample, tok: SIDTokenizer, max_len: int) -> dict[str, np.ndarray]:
+def encode(sample: Sample, tok: SIDTokenizer, max_len: int) -> dict[str, np.ndarray | int]:
     """`input_ids` (int32) and `loss_mask` (bool; True on completion + EOS) of one sample, truncated from the left
-    to `max_len`. Prompt and completion are tokenized separately and concatenated, as upstream does."""
-    return _assemble(tok.encode(sample.prompt), tok.encode(sample.completion), tok.eos_id, max_len)
+    to `max_len`, and `task_id` (the index of its task in TASKS). Prompt and completion are tokenized separately
+    and concatenated, as upstream does."""
+    return _assemble(tok.encode(sample.prompt), tok.encode(sample.completion), tok.eos_id, max_len, sample.task)
 
 
-def encode_all(samples: Sequence[Sample], tok: SIDTokenizer, max_len: int) -> list[dict[str, np.ndarray]]:
+def encode_all(samples: Sequence[Sample], tok: SIDTokenizer, max_len: int) -> list[dict[str, np.ndarray | int]]:
     """`encode` for many samples at once: the tokenizer's batch call runs on every core."""
     prompts = tok.encode_batch([s.prompt for s in samples])
     completions = tok.encode_batch([s.completion for s in samples])
-    return [_assemble(p, c, tok.eos_id, max_len) for p, c in zip(prompts, completions, strict=True)]
+    return [_assemble(p, c, tok.eos_id, max_len, s.task) for p, c, s in zip(prompts, completions, samples, strict=True)]
 
 
-def _assemble(prompt: list[int], completion: list[int], eos_id: int, max_len: int) -> dict[str, np.ndarray]:
+def _assemble(
+    prompt: list[int], completion: list[int], eos_id: int, max_len: int, task: str
+) -> dict[str, np.ndarray | int]:
+    if task not in TASKS:
+        raise ValueError(f"unknown SFT task {task!r}: expected one of {TASKS}")
     ids = np.asarray(prompt + completion + [eos_id], dtype=np.int32)
     mask = np.arange(len(ids)) >= len(prompt)
-    return {"input_ids": ids[-max_len:], "loss_mask": mask[-max_len:]}
+    return {"input_ids": ids[-max_len:], "loss_mask": mask[-max_len:], "task_id": TASKS.index(task)}
 
 
 def eval_prompts(interactions: Sequence[Interaction], tasks_cfg: TasksConfig) -> list[tuple[str, str]]:

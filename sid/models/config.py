@@ -47,6 +47,13 @@ class ModelConfig:
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     """`jax.nn.dot_product_attention` implementation: auto = cuDNN fused attention on a GPU with bf16 compute
     where cuDNN accepts the shapes, XLA otherwise; xla; or cudnn (GPU only)."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities while training (when the model gets a PRNG key); 0 is off. Above 0,
+    training attention runs an explicit softmax in XLA (cuDNN's and XLA's `dot_product_attention` cannot drop
+    probabilities), which keeps the [heads, seq, seq] probabilities and is slower; eval and generation are
+    unaffected."""
+    residual_dropout: float = 0.0
+    """Dropout on the attention and MLP outputs before each residual add, while training; 0 is off."""
     new_token_init: Literal["mean", "normal"] = "mean"
     """How embedding rows added for SID tokens are initialised: the mean of the existing rows, or N(0, init_std)."""
     vocab_multiple: int = 128

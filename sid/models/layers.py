@@ -69,6 +69,15 @@ def _linear_bwd(res: tuple, dy: Array) -> tuple[Array, Array, Array | None]:
 _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
+def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
+    """Inverted dropout in `x`'s dtype: each element is zeroed with probability `rate` and the rest are scaled by
+    1 / (1 - rate), so the expectation is unchanged. The identity without a key (eval) or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
 class Embedding(eqx.Module):
     """A lookup table `weight[V, D]`."""
 

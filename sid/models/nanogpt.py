@@ -17,15 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from sid.mesh import constrain_batch, constrain_table
 from sid.models.config import GPTConfig
-from sid.models.layers import DTYPES, LayerNorm, Linear, check_scan_unroll, scan_layers
-
-
-def _dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
-    """Inverted dropout; the identity without a key or at rate 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+from sid.models.layers import DTYPES, LayerNorm, Linear, check_scan_unroll, dropout, scan_layers
 
 
 class CausalSelfAttention(eqx.Module):
@@ -49,9 +41,9 @@ class CausalSelfAttention(eqx.Module):
             key, k_attn = jax.random.split(key)
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
             scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
-            probs = _dropout(jax.nn.softmax(scores, axis=-1), self.dropout, k_attn).astype(v.dtype)
+            probs = dropout(jax.nn.softmax(scores, axis=-1), self.dropout, k_attn).astype(v.dtype)
             y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return _dropout(self.c_proj(y.reshape(b, t, c)), self.dropout, key)
+        return dropout(self.c_proj(y.reshape(b, t, c)), self.dropout, key)
 
 
 class MLP(eqx.Module):
@@ -63,7 +55,7 @@ class MLP(eqx.Module):
 
     def __call__(self, x: Float[Array, "... embed"], *, key: PRNGKeyArray | None) -> Float[Array, "... embed"]:
         """Apply in the input's dtype."""
-        return _dropout(self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=False)), self.dropout, key)
+        return dropout(self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=False)), self.dropout, key)
 
 
 class Block(eqx.Module):
@@ -141,7 +133,7 @@ class GPT(eqx.Module):
             raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
         dtype = DTYPES[self.config.compute_dtype]
         k_emb, k_layers = (None, None) if key is None else jax.random.split(key)
-        x = _dropout(
+        x = dropout(
             (jnp.take(constrain_table(self.wte), idx, axis=0) + self.wpe[:t]).astype(dtype), self.config.dropout, k_emb
         )
         layer_keys = None if k_layers is None else jax.random.split(k_layers, self.config.n_layer)

@@ -9,6 +9,10 @@ XLA otherwise) with a boolean mask built by one helper, `attention_mask`, from p
 indices. That one rule covers causal training rows, packed rows (attention never crosses segments), left or right
 padding (segment 0), and cached decoding.
 
+Dropout (`ModelConfig.attention_dropout`, `residual_dropout`) applies only when `__call__` gets a PRNG key, i.e. in
+training; each scanned layer gets its own keys. Attention dropout > 0 makes training attention take the explicit
+`dropout_attention` path (same mask), since the fused kernels cannot drop probabilities.
+
 Generation: `prefill` runs the (left-padded) prompts once and returns a `PrefixCache`; `decode` runs K continuations
 ("beams") per prompt one token at a time. The beams share the prompt's KV and each has a small `SuffixCache` slot
 array, so beam search reorders beams by gathering only that small suffix (`SuffixCache.reorder`). Both return
@@ -24,6 +28,7 @@ logits at ids >= valid_vocab are -inf, so those rows are never produced. `resize
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -40,6 +45,7 @@ from sid.models.layers import (
     RMSNorm,
     apply_rope,
     check_scan_unroll,
+    dropout,
     rope_cos_sin,
     scan_layers,
     vocab_logprobs,
@@ -96,6 +102,26 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
     if implementation not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def dropout_attention(
+    q: Float[Array, "batch q heads head_dim"],
+    k: Float[Array, "batch k kv_heads head_dim"],
+    v: Float[Array, "batch k kv_heads head_dim"],
+    mask: Bool[Array, "batch 1 q k"],
+    rate: float,
+    key: PRNGKeyArray,
+) -> Float[Array, "batch q heads head_dim"]:
+    """Grouped-query attention spelled out (scores and softmax in float32) with inverted dropout on the
+    probabilities, which the fused `dot_product_attention` cannot do. Probabilities are cast to the compute dtype
+    before the dropout and the value matmul, as the fused path multiplies them in that dtype too."""
+    b, t, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, heads // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, :, None], scores, -jnp.inf)  # `attention_mask` leaves no query row fully masked
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), rate, key)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, d)
 
 
 class Attention(eqx.Module):
@@ -185,15 +211,24 @@ class Qwen2Layer(eqx.Module):
         )
 
     def __call__(
-        self, x: Float[Array, "batch seq embed"], cos: Array, sin: Array, attend: Attend
+        self,
+        x: Float[Array, "batch seq embed"],
+        cos: Array,
+        sin: Array,
+        attend: Attend,
+        *,
+        residual_dropout: float = 0.0,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "batch seq embed"], object]:
         """x + attn(norm(x)), then + mlp(norm(.)). `attend` decides which keys the queries see (and what
-        cache to keep), so training, prefill and decoding share this one code path."""
+        cache to keep), so training, prefill and decoding share this one code path. With a key, both branch
+        outputs go through dropout at `residual_dropout` before their residual add."""
         b, t, _ = x.shape
+        k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
         q, k, v = self.attn.project(self.attn_norm(x), cos, sin)
         out, collected = attend(q, k, v)
-        x = x + self.attn.o_proj(out.reshape(b, t, -1))
-        return x + self.mlp(self.mlp_norm(x)), collected
+        x = x + dropout(self.attn.o_proj(out.reshape(b, t, -1)), residual_dropout, k_attn)
+        return x + dropout(self.mlp(self.mlp_norm(x)), residual_dropout, k_mlp), collected
 
 
 class PrefixCache(eqx.Module):
@@ -230,6 +265,9 @@ def _resolve_config(cfg: ModelConfig) -> ModelConfig:
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even for RoPE")
     check_scan_unroll(cfg.scan_unroll)
+    for name in ("attention_dropout", "residual_dropout"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ValueError(f"model.{name} must be in [0, 1), got {getattr(cfg, name)!r}")
     return dataclasses.replace(cfg, head_dim=head_dim)
 
 
@@ -275,20 +313,37 @@ class Qwen2(eqx.Module):
             valid_vocab=cfg.vocab_size,
         )
 
-    def _attend(self, q: Array, k: Array, v: Array, mask: Array) -> Array:
+    def _attend(self, q: Array, k: Array, v: Array, mask: Array, key: PRNGKeyArray | None = None) -> Array:
+        """Attention per `config.attention`; with a key and attention_dropout > 0, the explicit path that drops
+        probabilities (`dropout_attention`)."""
+        if key is not None and self.config.attention_dropout > 0.0:
+            return dropout_attention(q, k, v, mask, self.config.attention_dropout, key)
         return dot_product_attention(q, k, v, mask, self.config.attention)
 
-    def _trunk(self, input_ids: Array, positions: Array, attend, xs, remat: str) -> tuple[Array, object]:
-        """Embed, run the scanned layers with `attend(layer_xs, q, k, v)`, final norm."""
+    def _trunk(
+        self, input_ids: Array, positions: Array, attend, xs, remat: str, key: PRNGKeyArray | None = None
+    ) -> tuple[Array, object]:
+        """Embed, run the scanned layers with `attend(layer_xs, q, k, v, attention_key)`, final norm. With a key,
+        each layer gets its own keys (split here, scanned with `xs`) for attention and residual dropout."""
         cfg = self.config
         x = self.embed(input_ids, DTYPES[cfg.compute_dtype])
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        layer_keys = None if key is None else jax.random.split(key, cfg.num_layers)
 
-        def body(layer: Qwen2Layer, x: Array, layer_xs) -> tuple[Array, object]:
-            x, collected = layer(x, cos, sin, lambda q, k, v: attend(layer_xs, q, k, v))
+        def body(layer: Qwen2Layer, x: Array, inputs) -> tuple[Array, object]:
+            layer_xs, layer_key = inputs
+            k_attn, k_residual = (None, None) if layer_key is None else jax.random.split(layer_key)
+            x, collected = layer(
+                x,
+                cos,
+                sin,
+                lambda q, k, v: attend(layer_xs, q, k, v, k_attn),
+                residual_dropout=cfg.residual_dropout,
+                key=k_residual,
+            )
             return constrain_batch(x), collected
 
-        x, collected = scan_layers(body, x, self.layers, xs, remat=remat, unroll=cfg.scan_unroll)
+        x, collected = scan_layers(body, x, self.layers, (xs, layer_keys), remat=remat, unroll=cfg.scan_unroll)
         return self.final_norm(x), collected
 
     def __call__(
@@ -296,13 +351,23 @@ class Qwen2(eqx.Module):
         input_ids: Int[Array, "batch seq"],
         positions: Int[Array, "batch seq"],
         segment_ids: Int[Array, "batch seq"],
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "batch seq embed"]:
         """Hidden states after the final norm (compute dtype). Causal attention within equal segment ids;
-        segment 0 is padding. Positions are per token (restart per packed sample; skip left padding)."""
+        segment 0 is padding. Positions are per token (restart per packed sample; skip left padding). With a
+        `key` (training), attention and residual dropout apply at the config's rates; without one, none does."""
         order = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = attention_mask(segment_ids, order, segment_ids, order)
+        if not (self.config.attention_dropout or self.config.residual_dropout):
+            key = None  # nothing to drop: no random bits drawn
         hidden, _ = self._trunk(
-            input_ids, positions, lambda _, q, k, v: (self._attend(q, k, v, mask), None), None, self.config.remat
+            input_ids,
+            positions,
+            lambda _, q, k, v, k_attn: (self._attend(q, k, v, mask, k_attn), None),
+            None,
+            self.config.remat,
+            key,
         )
         return hidden
 
@@ -338,7 +403,7 @@ class Qwen2(eqx.Module):
         order = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         attn_mask = attention_mask(segments, order, segments, order)
         hidden, (k, v) = self._trunk(
-            input_ids, positions, lambda _, q, k, v: (self._attend(q, k, v, attn_mask), (k, v)), None, "none"
+            input_ids, positions, lambda _, q, k, v, __: (self._attend(q, k, v, attn_mask), (k, v)), None, "none"
         )
         return hidden[:, -1], PrefixCache(k, v, mask)
 
@@ -376,7 +441,7 @@ class Qwen2(eqx.Module):
             jnp.concatenate([prompt_idx, slot_idx], axis=1),
         )
 
-        def attend(layer_xs, q, k, v):
+        def attend(layer_xs, q, k, v, _):
             pk, pv, sk, sv = layer_xs
             sk = jax.lax.dynamic_update_slice_in_dim(sk, k[:, :, None].astype(sk.dtype), slot, axis=2)
             sv = jax.lax.dynamic_update_slice_in_dim(sv, v[:, :, None].astype(sv.dtype), slot, axis=2)
