@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The LETTER Instruments quality sweep on one lent GPU, in one command, at most GPU_QUALITY_TOTAL_S (540 s) of wall
+# clock including the wheel install and every compile. It needs, in the repository root:
+#   .whl/      grain, tyro, array-record, portpicker, docstring-parser, typeguard wheels (../shared/device/pack-wheels.sh)
+#   .gpudata/  letter_instruments/ and qwen2_tokenizer/ (and built_sids/letter_instruments/ for that variant)
+# Device tool: run(command="bash bench/gpu_quality.sh", carry=[".whl", ".gpudata"], timeout_s=600).
+# It writes to $OUT: results.json (rewritten after each run), quality.txt (the whole output), runs.tar.gz (each
+# run's run_summary.json, config and the tail of its log), then prints a compact table.
+# CPU smoke of the same logic: GPU_QUALITY_SMOKE=1 OUT=/tmp/out bash bench/gpu_quality.sh
+# Knobs: GPU_QUALITY_VARIANTS ("NAME:SEEDS ..."), GPU_QUALITY_PARALLEL, GPU_QUALITY_TOTAL_S, GPU_QUALITY_EXTRA
+# (sid.train flags for every run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+T0=$SECONDS
+OUT=${OUT:-runs/quality/gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+SMOKE=${GPU_QUALITY_SMOKE:-0}
+TOTAL_S=${GPU_QUALITY_TOTAL_S:-540}
+COPY_S=30 # left at the end to collect files and print the table
+
+if [ -d .whl ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
+else
+  echo "no .whl/: using the packages $PY already has"
+  export PYTHONPATH=$PWD:${PYTHONPATH:-}
+fi
+export SID_DATA_ROOT=${SID_DATA_ROOT:-$PWD/.gpudata} PYTHONUNBUFFERED=1
+
+if [ "$SMOKE" = 1 ]; then
+  # The same steps on a CPU: the tiny preset, two variants, a small budget.
+  MODE=tiny
+  VARIANTS=${GPU_QUALITY_VARIANTS:-"base:0-1 drop0:0"}
+  PARALLEL=${GPU_QUALITY_PARALLEL:-3}
+else
+  MODE=gpu
+  # Seeds 0-2 of the preset, then one seed of each variant. All start at once: 8 small runs share the GPU.
+  VARIANTS=${GPU_QUALITY_VARIANTS:-"base:0-2 drop0:0 drop0.2:0 ls0.1:0 ep10:0 wide:0"}
+  PARALLEL=${GPU_QUALITY_PARALLEL:-8}
+  if [ -d "$SID_DATA_ROOT/built_sids/letter_instruments" ] && [ -z "${GPU_QUALITY_VARIANTS:-}" ]; then
+    echo "built_sids found: add it with GPU_QUALITY_VARIANTS=\"base:0-2 built_sids:0-2 ...\" (not in the default: time)"
+  fi
+fi
+
+nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
+"$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' || exit 1
+"$PY" -c 'import sid.train' || exit 1 # an import error here costs seconds, not the sweep
+
+SWEEP=runs/quality/$MODE-sweep
+rm -rf "$SWEEP"
+LEFT=$((TOTAL_S - (SECONDS - T0) - COPY_S))
+echo "sweep: mode $MODE, variants $VARIANTS, $PARALLEL at a time, ${LEFT} s left for it"
+# Each run gets the time left; `timeout` bounds the whole sweep too (quality.py stops its runs on SIGTERM and
+# keeps what finished in results.json).
+# shellcheck disable=SC2086 # VARIANTS and GPU_QUALITY_EXTRA are word lists
+timeout -k 20 "$LEFT" "$PY" bench/quality.py --mode "$MODE" --variants $VARIANTS --parallel "$PARALLEL" \
+  --time-limit "$((LEFT - 10))" --sweep-dir "$SWEEP" --out "$OUT/results.json" -- ${GPU_QUALITY_EXTRA:-} \
+  2>&1 | tee "$OUT/quality.txt"
+echo "sweep exit status ${PIPESTATUS[0]} after $((SECONDS - T0)) s"
+
+# One archive: every run's summary, resolved config and the last 200 lines of its log (flat names).
+STAGE=$(mktemp -d)
+for log in "$SWEEP"/*.log; do
+  [ -f "$log" ] || continue
+  name=$(basename "$log" .log)
+  tail -n 200 "$log" >"$STAGE/$name.log.tail"
+  cp "$SWEEP/$name/run_summary.json" "$STAGE/$name.run_summary.json" 2>/dev/null
+  cp "$SWEEP/$name/config_resolved.yaml" "$STAGE/$name.config_resolved.yaml" 2>/dev/null
+done
+tar -czf "$OUT/runs.tar.gz" -C "$STAGE" . && rm -rf "$STAGE"
+
+if [ -f "$OUT/results.json" ]; then
+  "$PY" bench/quality.py --report "$OUT/results.json" | tee -a "$OUT/quality.txt"
+else
+  echo "no run finished: see $OUT/quality.txt and the logs in $OUT/runs.tar.gz"
+fi
+echo "total $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
