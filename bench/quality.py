@@ -7,7 +7,7 @@ run_summary.json: `eval` (the test metrics) and `train.best` (the checkpoint cho
 rewritten atomically after each finished run, so a sweep cut short keeps what it measured.
 
     python bench/quality.py --mode gpu --variants base:0-2 drop0.2:0 wide:0 --parallel 5
-    python bench/quality.py --mode cpu          # a small model on 2,000 users, on a CPU
+    python bench/quality.py --mode cpu          # a tiny model on 500 users, on a CPU
     python bench/quality.py --mode tiny         # seconds: the CI check that the bench runs end to end
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/quality.py` from anywhere: bench.common and sid resolve
 
-from bench.common import markdown_table, write_json  # noqa: E402
+from bench.common import host_environment, markdown_table, write_json  # noqa: E402
 
 METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
 TARGET = {"recall@10": 0.120, "ndcg@10": 0.088}
@@ -162,17 +162,13 @@ def child_env(parallel: int) -> dict[str, str]:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """End a run and everything it started (its own process group), SIGKILL if SIGTERM is not enough."""
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    """End a run and everything it started (its own process group) at once. SIGKILL, not SIGTERM: sid.train takes
+    SIGTERM for a preemption and would first write a checkpoint that nobody reads."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def read_run(run: Run, returncode: int | None, wall_s: float) -> dict[str, Any]:
@@ -280,7 +276,8 @@ def report(result: dict[str, Any], mode: Mode) -> str:
     if mode.published:
         means += [{"": name, **{m: fmt(fig.get(m)) for m in METRICS}} for name, fig in PUBLISHED.items()]
         means.append({"": "target (issue 24)", **{m: fmt(TARGET.get(m)) for m in METRICS}})
-    lines += ["", "Mean ± sample std over seeds:", markdown_table(means, {k: k or "variant" for k in means[0]})]
+    if means:
+        lines += ["", "Mean ± sample std over seeds:", markdown_table(means, {k: k or "variant" for k in means[0]})]
     if mode.published:
         lines.append(f"Published: {PUBLISHED_SOURCE}.")
     if mode.note:
@@ -337,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "mode": args.mode,
         "config": mode.config,
-        "argv": sys.argv,
+        **host_environment(),
         "published": {"source": PUBLISHED_SOURCE, "figures": PUBLISHED, "target": TARGET} if mode.published else None,
         "note": mode.note,
         "runs": [],
