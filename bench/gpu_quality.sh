@@ -52,6 +52,10 @@ nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
 SWEEP=runs/quality/$MODE-sweep
 rm -rf "$SWEEP"
 LEFT=$((TOTAL_S - (SECONDS - T0) - COPY_S))
+if [ "$LEFT" -lt 60 ]; then
+  echo "only ${LEFT} s left of GPU_QUALITY_TOTAL_S=$TOTAL_S after start-up: no sweep"
+  exit 1
+fi
 echo "sweep: mode $MODE, variants $VARIANTS, $PARALLEL at a time, ${LEFT} s left for it"
 # Each run gets the time left; `timeout` bounds the whole sweep too (quality.py stops its runs on SIGTERM and
 # keeps what finished in results.json).
@@ -59,7 +63,8 @@ echo "sweep: mode $MODE, variants $VARIANTS, $PARALLEL at a time, ${LEFT} s left
 timeout -k 20 "$LEFT" "$PY" bench/quality.py --mode "$MODE" --variants $VARIANTS --parallel "$PARALLEL" \
   --time-limit "$((LEFT - 10))" --sweep-dir "$SWEEP" --out "$OUT/results.json" -- ${GPU_QUALITY_EXTRA:-} \
   2>&1 | tee "$OUT/quality.txt"
-echo "sweep exit status ${PIPESTATUS[0]} after $((SECONDS - T0)) s"
+STATUS=${PIPESTATUS[0]}
+echo "sweep exit status $STATUS after $((SECONDS - T0)) s (0: every run finished; 1: some failed or were stopped)"
 
 # One archive: every run's summary, resolved config and the last 200 lines of its log (flat names).
 STAGE=$(mktemp -d)
@@ -72,9 +77,10 @@ for log in "$SWEEP"/*.log; do
 done
 tar -czf "$OUT/runs.tar.gz" -C "$STAGE" . && rm -rf "$STAGE"
 
-if [ -f "$OUT/results.json" ]; then
-  "$PY" bench/quality.py --report "$OUT/results.json" | tee -a "$OUT/quality.txt"
-else
+# quality.py printed the tables itself unless it was killed (timeout's 124 or 137): then print them from the JSON.
+if [ ! -f "$OUT/results.json" ]; then
   echo "no run finished: see $OUT/quality.txt and the logs in $OUT/runs.tar.gz"
+elif [ "$STATUS" -gt 1 ]; then
+  "$PY" bench/quality.py --report "$OUT/results.json" | tee -a "$OUT/quality.txt"
 fi
 echo "total $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
