@@ -45,6 +45,9 @@ else
   fi
 fi
 
+for d in letter_instruments qwen2_tokenizer; do
+  [ -d "$SID_DATA_ROOT/$d" ] || { echo "$SID_DATA_ROOT/$d not found: copy it into .gpudata/ (or set SID_DATA_ROOT)"; exit 1; }
+done
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' || exit 1
 "$PY" -c 'import sid.train' || exit 1 # an import error here costs seconds, not the sweep
