@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The LETTER Instruments quality sweep on one lent GPU, in one command, at most GPU_QUALITY_TOTAL_S (540 s) of wall
 # clock including the wheel install and every compile. It needs, in the repository root:
-#   .whl/      grain, tyro, array-record, portpicker, docstring-parser, typeguard wheels (../shared/device/pack-wheels.sh)
+#   .whl/      wheels of what the machine lacks (grain, tyro, array-record, portpicker, docstring-parser, typeguard:
+#              ../shared/device/pack-wheels.sh), installed into /tmp/site; without .whl/ nothing is installed
 #   .gpudata/  letter_instruments/ and qwen2_tokenizer/ (and built_sids/letter_instruments/ for that variant)
-# Device tool: run(command="bash bench/gpu_quality.sh", carry=[".whl", ".gpudata"], timeout_s=600).
 # It writes to $OUT: results.json (rewritten after each run), quality.txt (the whole output), runs.tar.gz (each
 # run's run_summary.json, config and the tail of its log), then prints a compact table.
 # CPU smoke of the same logic: GPU_QUALITY_SMOKE=1 OUT=/tmp/out bash bench/gpu_quality.sh
