@@ -21,7 +21,8 @@ TOTAL_S=${GPU_QUALITY_TOTAL_S:-540}
 COPY_S=30 # left at the end to collect files and print the table
 
 if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
 else
   echo "no .whl/: using the packages $PY already has"
@@ -46,7 +47,10 @@ else
 fi
 
 for d in letter_instruments qwen2_tokenizer; do
-  [ -d "$SID_DATA_ROOT/$d" ] || { echo "$SID_DATA_ROOT/$d not found: copy it into .gpudata/ (or set SID_DATA_ROOT)"; exit 1; }
+  if [ ! -d "$SID_DATA_ROOT/$d" ]; then
+    echo "$SID_DATA_ROOT/$d not found: copy it into .gpudata/ (or set SID_DATA_ROOT)"
+    exit 1
+  fi
 done
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' || exit 1
