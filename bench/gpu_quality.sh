@@ -5,7 +5,7 @@
 #              ../shared/device/pack-wheels.sh), installed into /tmp/site; without .whl/ nothing is installed
 #   .gpudata/  letter_instruments/ and qwen2_tokenizer/ (and built_sids/letter_instruments/ for that variant)
 # It writes to $OUT: results.json (rewritten after each run), quality.txt (the whole output), runs.tar.gz (each
-# run's run_summary.json, config and the tail of its log), then prints a compact table.
+# run's run_summary.json, config, metrics.jsonl and the tail of its log), then prints a compact table.
 # CPU smoke of the same logic: GPU_QUALITY_SMOKE=1 OUT=/tmp/out bash bench/gpu_quality.sh
 # Knobs: GPU_QUALITY_VARIANTS ("NAME:SEEDS ..."), GPU_QUALITY_PARALLEL, GPU_QUALITY_TOTAL_S, GPU_QUALITY_EXTRA
 # (sid.train flags for every run).
@@ -74,7 +74,8 @@ timeout -k 20 "$LEFT" "$PY" bench/quality.py --mode "$MODE" --variants $VARIANTS
 STATUS=${PIPESTATUS[0]}
 echo "sweep exit status $STATUS after $((SECONDS - T0)) s (0: every run finished; 1: some failed or were stopped)"
 
-# One archive: every run's summary, resolved config and the last 200 lines of its log (flat names).
+# One archive: every run's summary, resolved config, metrics.jsonl (its valid curve) and the last 200 lines of its
+# log (flat names).
 STAGE=$(mktemp -d)
 for log in "$SWEEP"/*.log; do
   [ -f "$log" ] || continue
@@ -82,6 +83,7 @@ for log in "$SWEEP"/*.log; do
   tail -n 200 "$log" >"$STAGE/$name.log.tail"
   cp "$SWEEP/$name/run_summary.json" "$STAGE/$name.run_summary.json" 2>/dev/null
   cp "$SWEEP/$name/config_resolved.yaml" "$STAGE/$name.config_resolved.yaml" 2>/dev/null
+  cp "$SWEEP/$name/metrics.jsonl" "$STAGE/$name.metrics.jsonl" 2>/dev/null
 done
 tar -czf "$OUT/runs.tar.gz" -C "$STAGE" . && rm -rf "$STAGE"
 
