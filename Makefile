@@ -61,3 +61,12 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 include ops/ops.mk
+
+# Recommendation quality against the published LETTER Instruments table (docs/benchmarks.md, section 6):
+# MODE=gpu (default: the GPU preset, seeds 0-2), cpu (a tiny model on 500 users), tiny (seconds) or industrial;
+# QUALITY_ARGS adds bench/quality.py options, e.g. QUALITY_ARGS="--variants base:0-2 wide:0 --parallel 4".
+MODE ?= gpu
+QUALITY_ARGS ?=
+.PHONY: bench-quality
+bench-quality: $(STAMP)
+	$(BIN)/python bench/quality.py --mode $(MODE) $(QUALITY_ARGS)

@@ -210,10 +210,13 @@ def cuda_available() -> bool:
 
 
 def write_json(path: str | Path, record: dict[str, Any]) -> None:
-    """Write `record` as indented JSON (parent directories created)."""
+    """Write `record` as indented JSON (parent directories created), atomically: a temp file renamed over `path`,
+    so a run killed mid-write leaves the previous version, never a truncated file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:

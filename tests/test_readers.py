@@ -225,3 +225,17 @@ def test_unterminated_quote_reports_the_lines_it_swallows(tmp_path):
     assert report.counts == {"csv_syntax": 1}
     assert report.examples[0].startswith(f"{tmp_path / 'x.csv'}:3: field 'item_sid': ")
     assert report.examples[0].endswith("(this bad row runs to line 4)")
+
+
+def test_letter_max_users_keeps_the_first_good_users(shared_data, letter_splits):
+    d = shared_data / "letter_instruments"
+    for split, (full, _) in letter_splits.items():
+        subset, _ = read_letter(d, "Instruments", split, max_users=50)
+        first = {str(u) for u in range(50)}  # inter.json lists users "0", "1", ... in order, all of them good
+        assert subset == [r for r in full if r.user_id in first], split
+    # Bad users do not count towards the limit: the fixture's good users are 0 and 4.
+    report = BadRowReport(on_bad_row="skip")
+    test, _ = read_letter(FIXTURES / "letter", "Fixture", "test", max_users=2, bad_rows=report)
+    assert [r.user_id for r in test] == ["0", "4"]
+    with pytest.raises(ValueError, match="max_users must be >= 0"):
+        read_letter(d, "Instruments", "test", max_users=-1)

@@ -44,6 +44,9 @@ class DataConfig:
     """Test CSV inside `dir` (MiniOneRec)."""
     max_history: int = 20
     """LETTER: most recent history items kept per sample."""
+    max_users: int = 0
+    """LETTER: keep only the first N users of inter.json, in every split (0: all). A small deterministic subset
+    for quick runs on a CPU."""
     max_len: int = 512
     """Tokens per row; over-long samples keep their last max_len tokens."""
     pack: bool = True

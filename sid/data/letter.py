@@ -54,15 +54,19 @@ def read_letter(
     split: Split,
     *,
     max_history: int = 20,
+    max_users: int = 0,
     bad_rows: BadRowReport | None = None,
 ) -> tuple[list[Interaction], Catalog]:
-    """The `split` rows of a LETTER dataset and its catalog.
+    """The `split` rows of a LETTER dataset and its catalog; only the first `max_users` good users of the file
+    when it is positive (the same users in every split).
 
     A bad user entry (not a list of known item ids, or fewer than 3 items so valid has no history) raises, or is
     counted in `bad_rows` and left out of every split when skipping.
     """
     if max_history < 1:
         raise ValueError(f"max_history must be >= 1, got {max_history}")
+    if max_users < 0:
+        raise ValueError(f"max_users must be >= 0, got {max_users}")
     bad_rows = bad_rows if bad_rows is not None else BadRowReport()
     catalog = load_catalog(directory, category)
     path = directory / f"{category}.inter.json"
@@ -70,7 +74,10 @@ def read_letter(
         raise FileNotFoundError(f"interaction file {path} not found (data.dir / data.category)")
     before = bad_rows.total
     rows: list[Interaction] = []
+    users = 0
     for user, seq, line in read_json_object(path):
+        if users == max_users > 0:
+            break
         try:
             if not isinstance(seq, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in seq):
                 raise FieldValueError(path, line, user, f"expected a list of item ids, got {str(seq)[:80]}")
@@ -82,5 +89,6 @@ def read_letter(
             bad_rows.handle(e)
             continue
         rows.extend(leave_one_out(user, seq, catalog, split, max_history))
+        users += 1
     bad_rows.warn_if_skipped(path, before)
     return rows, catalog

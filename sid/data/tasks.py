@@ -199,7 +199,12 @@ def load_split(
     bad_rows = BadRowReport(on_bad_row=cfg.on_bad_row)
     if cfg.source == "letter":
         rows, catalog = read_letter(
-            resolve(cfg.dir, cfg.data_root), cfg.category, split, max_history=cfg.max_history, bad_rows=bad_rows
+            resolve(cfg.dir, cfg.data_root),
+            cfg.category,
+            split,
+            max_history=cfg.max_history,
+            max_users=cfg.max_users,
+            bad_rows=bad_rows,
         )
         return rows, catalog, bad_rows
     if cfg.source == "synthetic":

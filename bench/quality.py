@@ -1,0 +1,359 @@
+"""Recommendation quality: train from scratch with `sid.train`, rank the test split, and print Recall@5/10 and
+NDCG@5/10 per seed, their mean and spread, beside the published figures.
+
+Every run is `python -m sid.train --config PRESET <variant overrides> --train.seed S --model.seed S` in its own
+process (up to --parallel at once; on one GPU each gets 0.9/N of its memory), and its figures are read from its
+run_summary.json: `eval` (the test metrics) and `train.best` (the checkpoint chosen on valid). The results JSON is
+rewritten atomically after each finished run, so a sweep cut short keeps what it measured.
+
+    python bench/quality.py --mode gpu --variants base:0-2 drop0.2:0 wide:0 --parallel 5
+    python bench/quality.py --mode cpu          # a tiny model on 500 users, on a CPU
+    python bench/quality.py --mode tiny         # seconds: the CI check that the bench runs end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python bench/quality.py` from anywhere: bench.common and sid resolve
+
+from bench.common import host_environment, markdown_table, write_json  # noqa: E402
+
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+TARGET = {"recall@10": 0.120, "ndcg@10": 0.088}
+"""Issue 24's target on LETTER Instruments (test split, best checkpoint chosen on valid)."""
+PUBLISHED_SOURCE = (
+    "LETTER paper (Wang et al., 'Learnable Item Tokenization for Generative Recommendation', CIKM 2024, "
+    "arXiv 2405.07314), Instruments; figures as cited, rounded ('about'), by sid issue 24 (not re-read from the "
+    "paper's table here)"
+)
+PUBLISHED = {
+    "TIGER (published)": {"recall@10": 0.106, "ndcg@10": 0.080},
+    "LETTER-TIGER (published)": {"recall@10": 0.112, "ndcg@10": 0.083},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """A preset and how to read its figures."""
+
+    config: str
+    """Train preset (relative to the repository root)."""
+    overrides: tuple[str, ...] = ()
+    """sid.train flags every run of this mode gets, before the variant's."""
+    published: bool = False
+    """Whether the published LETTER Instruments figures apply (same data and protocol)."""
+    note: str = ""
+    """Printed under the table: what the figures are and are not."""
+    seeds: str = "0-2"
+    """Default --seeds."""
+
+
+MODES = {
+    "gpu": Mode("configs/train/gpu/letter_instruments.yaml", published=True),
+    "industrial": Mode(
+        "configs/train/gpu/industrial.yaml",
+        note="Industrial trained on train_partial.csv (29% of the published train rows): NOT comparable to any "
+        "published figure.",
+    ),
+    "cpu": Mode(
+        "configs/train/cpu/letter_instruments_quality.yaml",
+        note="CPU mode: a 2-layer x 64 model, 4 epochs on the first 500 LETTER users, ranked on their 500 test "
+        "users: a check that the pipeline learns, not the published protocol (docs/benchmarks.md, section 6, has "
+        "the range it measured).",
+        seeds="0",
+    ),
+    "tiny": Mode(
+        "configs/train/cpu/letter_instruments_tiny.yaml",
+        overrides=(
+            *("--data.max-users", "40", "--train.max-steps", "4", "--eval.max-samples", "16", "--eval.topk", "5", "10"),
+            *("--train.valid-rank-every", "2", "--train.valid-rank-samples", "8", "--train.select-by", "ndcg@10"),
+            *("--train.final-model", "best"),
+        ),
+        note="Tiny mode: 4 steps of a 2-layer x 64 model; checks the bench runs end to end, its figures mean nothing.",
+        seeds="0",
+    ),
+}
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "drop0": ("--model.attention-dropout", "0", "--model.residual-dropout", "0"),
+    "drop0.2": ("--model.attention-dropout", "0.2", "--model.residual-dropout", "0.2"),
+    "ls0.1": ("--train.label-smoothing", "0.1"),
+    "wd0.1": ("--optimizer.weight-decay", "0.1"),
+    "lr1e-3": ("--train.learning-rate", "1e-3"),
+    "ep10": ("--train.epochs", "10"),
+    "wide": ("--model.hidden-size", "384", "--model.intermediate-size", "1536", "--model.num-heads", "6"),
+    "deep": ("--model.num-layers", "6"),
+    "built_sids": ("--data.dir", "built_sids/letter_instruments"),
+}
+"""Named override sets (sid.train flags) to sweep; `base` is the preset as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the sweep."""
+
+    variant: str
+    seed: int
+    out_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}-s{self.seed}"
+
+    def command(self, mode: Mode, extra: list[str]) -> list[str]:
+        return [
+            *(sys.executable, "-m", "sid.train", "--config", str(ROOT / mode.config)),
+            *mode.overrides,
+            *VARIANTS[self.variant],
+            *extra,
+            *("--train.seed", str(self.seed), "--model.seed", str(self.seed)),
+            *("--train.output-dir", str(self.out_dir)),
+        ]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-2' -> [0, 1, 2]; '0,3' -> [0, 3]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += range(int(lo), int(hi or lo) + 1)
+    return seeds
+
+
+def plan_runs(variants: list[str], seeds: str, sweep_dir: Path) -> list[Run]:
+    """Runs in the order given: each `NAME` with --seeds, or `NAME:SEEDS` with its own seeds."""
+    runs = []
+    for spec in variants:
+        name, _, own = spec.partition(":")
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}: expected one of {', '.join(VARIANTS)}")
+        try:
+            run_seeds = parse_seeds(own or seeds)
+        except ValueError:
+            raise SystemExit(f"bad seeds {own or seeds!r} in {spec!r}: expected e.g. 0-2 or 0,3") from None
+        runs += [Run(name, s, sweep_dir / f"{name}-s{s}") for s in run_seeds]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"a run is listed twice: {', '.join(names)}")
+    return runs
+
+
+def child_env(parallel: int) -> dict[str, str]:
+    """The environment of each run: N runs share one accelerator's memory, grown on demand rather than taken at
+    start-up (a preallocated 90% would leave the others nothing)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if parallel > 1:
+        env.update(XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / parallel:.3f}", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    return env
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a run and everything it started (its own process group) at once. SIGKILL, not SIGTERM: sid.train takes
+    SIGTERM for a preemption and would first write a checkpoint that nobody reads."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def read_run(run: Run, returncode: int | None, wall_s: float) -> dict[str, Any]:
+    """One run's record: its test metrics and chosen checkpoint from run_summary.json, or why there are none."""
+    record: dict[str, Any] = {"variant": run.variant, "seed": run.seed, "dir": str(run.out_dir), "wall_s": wall_s}
+    path = run.out_dir / "run_summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    test = summary.get("eval")
+    if returncode is None:
+        record["error"] = f"stopped after {wall_s:.0f} s (time limit or interrupt)"
+    elif returncode != 0:
+        record["error"] = f"sid.train exited with status {returncode} (see {run.name}.log)"
+    elif not test:
+        record["error"] = f"{path} has no test metrics (eval section)"
+    if test:
+        for k in (5, 10):
+            record[f"recall@{k}"] = test["hr"].get(str(k))  # one held-out item per user: HR@K is Recall@K
+            record[f"ndcg@{k}"] = test["ndcg"].get(str(k))
+        record["test_users"] = test.get("n_samples")
+    train = summary.get("train", {})
+    record["best"] = train.get("best")
+    record["steps"] = train.get("final_step")
+    record["train_wall_s"] = train.get("wall_s")
+    return record
+
+
+def start(run: Run, mode: Mode, extra: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start one run, its output to SWEEP_DIR/NAME.log, in its own process group (so stopping it stops all of it)."""
+    run.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = run.command(mode, extra)
+    print(f"[quality] start {run.name}: {' '.join(cmd[2:])}", flush=True)
+    with open(run.out_dir.parent / f"{run.name}.log", "w") as log_file:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def sweep(runs: list[Run], mode: Mode, args, on_done) -> None:
+    """Run everything, `args.parallel` at a time, each under `args.time_limit`; `on_done(record)` as each ends.
+    SIGTERM (e.g. from `timeout`) stops the runs still going, records them, and leaves."""
+    env = child_env(args.parallel)
+    pending, running = list(runs), {}
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                run = pending.pop(0)
+                running[run] = (start(run, mode, args.set, env), time.monotonic())
+            time.sleep(0.5)
+            for run, (proc, t0) in list(running.items()):
+                wall = time.monotonic() - t0
+                if proc.poll() is None and (not args.time_limit or wall < args.time_limit):
+                    continue
+                timed_out = proc.poll() is None
+                if timed_out:
+                    stop(proc)
+                del running[run]
+                on_done(read_run(run, None if timed_out else proc.returncode, wall))
+    except KeyboardInterrupt:
+        print(f"[quality] interrupted: stopping {len(running)} runs; {len(pending)} never started", flush=True)
+        for run, (proc, t0) in running.items():
+            stop(proc)
+            on_done(read_run(run, None, time.monotonic() - t0))
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant: mean and sample standard deviation of each metric over its finished seeds."""
+    rows = []
+    for variant in dict.fromkeys(r["variant"] for r in records):
+        done = [r for r in records if r["variant"] == variant and "error" not in r]
+        row: dict[str, Any] = {"variant": variant, "seeds": ",".join(str(r["seed"]) for r in done) or "-"}
+        for m in METRICS:
+            values = [r[m] for r in done if r.get(m) is not None]
+            row[m] = statistics.fmean(values) if values else None
+            row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        rows.append(row)
+    return rows
+
+
+def report(result: dict[str, Any], mode: Mode) -> str:
+    """The printed tables: every run, then each variant's mean ± std beside the published figures and the target."""
+
+    def fmt(v, std=None):
+        return "-" if v is None else f"{v:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+    runs = [
+        {
+            "run": f"{r['variant']}-s{r['seed']}",
+            **{m: fmt(r.get(m)) for m in METRICS},
+            "best step": (r.get("best") or {}).get("step", "-"),
+            "wall s": f"{r['wall_s']:.0f}",
+            "status": r.get("error", "ok"),
+        }
+        for r in result["runs"]
+    ]
+    lines = ["Runs:", markdown_table(runs, {k: k for k in runs[0]}) if runs else "(none finished)"]
+    means = [
+        {"": f"{a['variant']} (seeds {a['seeds']})", **{m: fmt(a[m], a[f"{m}_std"]) for m in METRICS}}
+        for a in result["summary"]
+    ]
+    if mode.published:
+        means += [{"": name, **{m: fmt(fig.get(m)) for m in METRICS}} for name, fig in PUBLISHED.items()]
+        means.append({"": "target (issue 24)", **{m: fmt(TARGET.get(m)) for m in METRICS}})
+    if means:
+        lines += ["", "Mean ± sample std over seeds:", markdown_table(means, {k: k or "variant" for k in means[0]})]
+    if mode.published:
+        lines.append(f"Published: {PUBLISHED_SOURCE}.")
+    if mode.note:
+        lines.append(mode.note)
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options; whatever follows `--` goes to every sid.train run (e.g. `-- --train.epochs 4`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags after `--` go to every sid.train run, after the variant's: e.g. -- --train.epochs 4.",
+    )
+    p.add_argument(
+        "--mode", choices=MODES, default="gpu", help="Preset: gpu (LETTER Instruments), industrial, cpu, tiny."
+    )
+    p.add_argument(
+        "--seeds",
+        help="Seeds of variants listed without their own, e.g. 0-2 or 0,3 (gpu, industrial: 0-2; cpu, tiny: 0).",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["base"],
+        help="Override sets to sweep, NAME or NAME:SEEDS (e.g. base:0-2 wide:0), run in this order: "
+        + ", ".join(VARIANTS),
+    )
+    p.add_argument("--parallel", type=int, default=1, help="Runs at once (on one GPU each gets 0.9/N of its memory).")
+    p.add_argument("--time-limit", type=float, default=0, help="Seconds per run before it is stopped (0: none).")
+    p.add_argument("--report", type=Path, help="Only print the tables of an earlier results JSON (no runs).")
+    p.add_argument("--sweep-dir", type=Path, help="Where the runs go; default runs/quality/MODE-TIMESTAMP.")
+    p.add_argument("--out", type=Path, help="Results JSON, rewritten after each run; default SWEEP_DIR/results.json.")
+    args = p.parse_args(argv[:cut])
+    args.set = argv[cut + 1 :]
+    if args.parallel < 1:
+        p.error("--parallel must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        result = json.loads(args.report.read_text())
+        print(report(result, MODES[result["mode"]]))
+        return 0
+    mode = MODES[args.mode]
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    sweep_dir = (args.sweep_dir or ROOT / "runs" / "quality" / f"{args.mode}-{stamp}").absolute()
+    out = args.out or sweep_dir / "results.json"
+    runs = plan_runs(args.variants, args.seeds or mode.seeds, sweep_dir)
+    result: dict[str, Any] = {
+        "mode": args.mode,
+        "config": mode.config,
+        **host_environment(),
+        "published": {"source": PUBLISHED_SOURCE, "figures": PUBLISHED, "target": TARGET} if mode.published else None,
+        "note": mode.note,
+        "runs": [],
+        "summary": [],
+    }
+
+    def on_done(record: dict[str, Any]) -> None:
+        result["runs"].append(record)
+        result["summary"] = aggregate(result["runs"])
+        write_json(out, result)
+        figures = " ".join(f"{m}={record[m]:.4f}" for m in METRICS if record.get(m) is not None)
+        print(f"[quality] {record['variant']}-s{record['seed']}: {record.get('error') or figures}", flush=True)
+
+    print(f"[quality] {len(runs)} runs, {args.parallel} at a time, in {sweep_dir}", flush=True)
+    sweep(runs, mode, args, on_done)
+    print(report(result, mode))
+    print(f"results: {out}")
+    return 0 if all("error" not in r for r in result["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
