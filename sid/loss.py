@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, Int
 from sid.data.tasks import TASKS
 from sid.mesh import batch_split, replicas_max
 from sid.models.layers import DTYPES
+from sid.models.qwen2 import Qwen2
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 30
@@ -44,7 +45,7 @@ def chunk_size(num_tokens: int, vocab: int) -> int:
 
 
 def sft_loss(
-    model, batch: dict[str, Array], key: Array | None, *, label_smoothing: float = 0.0
+    model: Qwen2, batch: dict[str, Array], key: Array | None, *, label_smoothing: float = 0.0
 ) -> tuple[Float[Array, ""], Int[Array, ""], dict[str, Array]]:
     """The SFT objective of a Qwen2 on a packed batch: (sum of the token losses over the supervised tokens, their
     number, stats). `key` turns on the model's dropout (None: none). `stats` holds additive scalars for every task

@@ -144,3 +144,16 @@ def test_vocab_logprobs_over_a_split_table_equal_an_exact_log_softmax(mesh_cfg, 
     got = jax.jit(traced_on(mesh, fn), in_shardings=(batch_sharding(mesh), None, None))(hidden, table, tokens)
     assert len(got.sharding.device_set) == 8
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dropout_keeps_the_dtype_and_the_mean_and_is_off_without_a_key(dtype):
+    from sid.models.layers import dropout
+
+    x = jnp.full((256, 256), 1.5, dtype)
+    assert dropout(x, 0.4, None) is x and dropout(x, 0.0, jax.random.key(0)) is x
+    y = np.asarray(dropout(x, 0.4, jax.random.key(0)).astype(jnp.float32))
+    assert dropout(x, 0.4, jax.random.key(0)).dtype == dtype
+    assert set(np.unique(y).tolist()) == {0.0, 2.5}  # 1.5 / 0.6 (bfloat16 rounds to the same)
+    assert abs((y == 0).mean() - 0.4) < 0.005  # 65,536 draws: 5 standard deviations
+    np.testing.assert_allclose(y.mean(), 1.5, rtol=0.02)

@@ -163,3 +163,21 @@ def test_sft_loss_without_smoothing_is_the_plain_cross_entropy_and_trains():
     np.testing.assert_allclose(float(loss), float(want[0]), rtol=1e-6)
     assert not any(float(v) for v in stats.values())
     assert float(jnp.abs(grads.embed.weight).max()) > 0
+
+
+def test_smoothing_and_per_task_sums_add_no_matmul():
+    """Both come from the logits the chunk loop already has: the traced step holds the same matmuls (the head's
+    forward and its two gradient matmuls) as the plain loss, so no second pass over the head."""
+    r = np.random.default_rng(4)
+    h, w = jnp.asarray(r.normal(size=(2, 8, 4)), jnp.float32), jnp.asarray(r.normal(size=(9, 4)), jnp.float32)
+    t = jnp.asarray(r.integers(0, 9, (2, 8)), jnp.int32)
+
+    def dots(**kw):
+        def f(h, w):
+            return cross_entropy_by_task(h, w, t, jnp.zeros_like(t), valid_vocab=9, **kw)[0]
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1))).lower(h, w).as_text().count("stablehlo.dot_general")
+
+    plain = dots()
+    assert plain >= 3
+    assert dots(num_tasks=5, label_smoothing=0.1) == plain
