@@ -130,7 +130,7 @@ def run_train(job: TrainJob) -> dict:
     model, train = fit(
         model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr, batches=batches, total_steps=steps,
         cfg=job.train, mesh=mesh, run=run, tracker=tracker, flops=train_flops(model, job.data.max_len),
-        evaluators=sft_evaluators(job, tok, mesh, run.path, loss_fn),
+        evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),  # held-out loss without smoothing
     )  # fmt: skip
     run.update(train={**train, "effective_batch_size": global_rows, "steps_per_epoch": plan.steps_per_epoch})
     if train.get("preempted_at") is None:
