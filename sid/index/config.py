@@ -35,6 +35,8 @@ class EmbedConfig:
     """text: tokens per item text (longer texts are cut at the end)."""
     batch_size: int = 64
     """text: items per forward pass."""
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """text: the model's compute dtype (pooling is always f32)."""
 
     def __post_init__(self):
         if self.dim < 0 or self.window < 1 or self.max_tokens < 1 or self.batch_size < 1:
