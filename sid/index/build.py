@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sid.config import ConfigError
 from sid.data.config import DataConfig
 from sid.data.minionerec import Interaction
 from sid.data.tasks import load_split, synthetic_dir
@@ -65,6 +66,9 @@ def write_dataset(job: IndexJob, out: Path, sids: dict[int, str]) -> None:
 def run_index(job: IndexJob) -> dict:
     """Build the SIDs; returns the report (also written to `output.dir/index_report.json`)."""
     start = time.perf_counter()
+    out = Path(job.output.dir)
+    if out.resolve() == data_dir(job.data).resolve():
+        raise ConfigError(f"output.dir {out} is the data directory: the built files would replace the data's")
     interactions, catalog, _ = load_split(job.data, "train")
     item_ids = sorted(catalog.sids)
     logger.info("%d items, %d training interactions", len(item_ids), len(interactions))
@@ -83,7 +87,6 @@ def run_index(job: IndexJob) -> dict:
         "relative_reconstruction_error_after_fix": relative_error(x, q.reconstruct(codes)),
         "seconds": 0.0,
     }
-    out = Path(job.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     sids = write_index(out, job.data.category, item_ids, codes)
     if job.output.dataset_files:
