@@ -61,3 +61,10 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 include ops/ops.mk
+
+# SIDs for MiniOneRec Industrial from collaborative embeddings of its train CSV (RQ-KMeans, 3 levels x 256 codes):
+# a complete dataset directory (index, item.json, info.txt, CSVs with the new SID columns) in $(SIDS_DIR).
+SIDS_DIR ?= runs/sids/minionerec_industrial
+.PHONY: sids
+sids: $(STAMP)
+	$(BIN)/python -m sid.index --config configs/index/industrial.yaml --output.dir $(SIDS_DIR)

@@ -21,6 +21,7 @@ from sid.index.write import copy_file, rewrite_csv, write_atomic, write_index, w
 from sid.paths import resolve
 
 logger = logging.getLogger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def data_dir(cfg: DataConfig) -> Path:
@@ -58,7 +59,11 @@ def write_dataset(job: IndexJob, out: Path, sids: dict[int, str]) -> None:
     if item_json.is_file():
         copy_file(item_json, out)
         write_info(out, item_json, sids)
-    for name in (job.data.train_file, job.data.valid_file, job.data.test_file):
+    for name in TOKENIZER_FILES:  # a dataset's own tokenizer (the synthetic one) travels with it
+        if (src / name).is_file():
+            copy_file(src / name, out)
+    splits = (job.data.train_file, job.data.valid_file, job.data.test_file)
+    for name in ("train.csv", "valid.csv", "test.csv") if job.data.source == "synthetic" else splits:
         rows = rewrite_csv(src / name, out / name, sids)
         logger.info("rewrote %s (%d rows)", out / name, rows)
 
