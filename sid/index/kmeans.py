@@ -60,9 +60,9 @@ def balanced_assign(dist: Float[Array, "n k"], capacity: int) -> Int[Array, " n"
         code = jnp.argmin(open_dist, axis=1)
         d = jnp.where(free, open_dist[rows, code], jnp.inf)
         order = jnp.lexsort((d, code))  # by code, then by distance: assigned points (inf) sort last
-        sorted_code = code[order]
-        rank_sorted = rows - jnp.searchsorted(sorted_code, sorted_code, side="left")
-        rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+        per_code = jnp.bincount(code, length=k)
+        first = jnp.cumsum(per_code) - per_code  # where each code's run starts in `order`
+        rank = jnp.zeros(n, jnp.int32).at[order].set((rows - first[code[order]]).astype(jnp.int32))
         accept = free & (rank < room[code])
         room = room - jnp.bincount(code, weights=accept.astype(jnp.int32), length=k).astype(room.dtype)
         return jnp.where(accept, code, assign), room
