@@ -2,6 +2,7 @@
 cases), collaborative embeddings on a hand-made interaction set, text embeddings against transformers, bad input,
 and SIDs built end to end that `sid.train` then trains on."""
 
+import csv
 import importlib
 import json
 import math
@@ -310,6 +311,13 @@ def test_built_sids_train_with_sid_train(tmp_path):
     cfg = DataConfig(source="minionerec", dir=str(out), category="Synthetic", train_file="train.csv")
     rows, catalog, _ = load_split(cfg, "test")  # the rewritten CSVs agree with the new index
     assert catalog.sids == sids and all(r.target_sid == sids[r.target_id] for r in rows)
+    for split in ("train", "valid", "test"):  # only the two SID columns change
+        with open(src / f"{split}.csv") as a, open(out / f"{split}.csv") as b:
+            old, new = list(csv.DictReader(a)), list(csv.DictReader(b))
+        assert len(old) == len(new) > 0
+        for o, n in zip(old, new, strict=True):
+            assert {k: v for k, v in o.items() if "sid" not in k} == {k: v for k, v in n.items() if "sid" not in k}
+            assert n["item_sid"] == sids[int(n["item_id"])]
     assert index_main(_index_args(src, tmp_path / "again")) == 0  # same inputs, same bytes
     assert (tmp_path / "again/Synthetic.index.json").read_bytes() == (out / "Synthetic.index.json").read_bytes()
     train = [

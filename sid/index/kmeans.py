@@ -41,24 +41,36 @@ def kmeans_pp(x: Float[Array, "n d"], k: int, key: PRNGKeyArray) -> Float[Array,
     return centroids
 
 
-def balanced_assign(dist: Float[Array, "n k"], capacity: int) -> Int[Array, " n"]:
+def balanced_assign(dist: Float[Array, "n k"], capacity: int, shortlist: int = 16) -> Int[Array, " n"]:
     """Assign each point to a code so that no code gets more than `capacity` points (needs n <= k * capacity).
 
     Rounds of proposals: every unassigned point proposes to its nearest code that still has room; each code
     accepts its closest proposers up to the room it has left. Each round accepts at least one point, so it ends;
-    with ample capacity it is the plain nearest-code assignment.
+    with ample capacity it is the plain nearest-code assignment. A point looks for its nearest open code among its
+    `shortlist` nearest codes first and scans all codes only when those are full, which gives the same proposal
+    at a fraction of the cost per round.
     """
     n, k = dist.shape
     if n > k * capacity:
         raise ValueError(f"{n} points do not fit {k} codes of capacity {capacity}")
     rows = jnp.arange(n)
+    _, near = jax.lax.top_k(-dist, min(shortlist, k))  # [n, shortlist], nearest first
+
+    def nearest_open(free, room):
+        is_open = room[near] > 0
+        listed = near[rows, jnp.argmax(is_open, axis=1)]
+        found = is_open.any(axis=1)
+
+        def scan_all():
+            return jnp.where(found, listed, jnp.argmin(jnp.where(room[None, :] > 0, dist, jnp.inf), axis=1))
+
+        return jax.lax.cond(jnp.any(free & ~found), scan_all, lambda: listed)
 
     def round_(state):
         assign, room = state
         free = assign < 0
-        open_dist = jnp.where(room[None, :] > 0, dist, jnp.inf)
-        code = jnp.argmin(open_dist, axis=1)
-        d = jnp.where(free, open_dist[rows, code], jnp.inf)
+        code = nearest_open(free, room)
+        d = jnp.where(free, dist[rows, code], jnp.inf)
         order = jnp.lexsort((d, code))  # by code, then by distance: assigned points (inf) sort last
         per_code = jnp.bincount(code, length=k)
         first = jnp.cumsum(per_code) - per_code  # where each code's run starts in `order`
