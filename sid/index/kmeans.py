@@ -53,7 +53,7 @@ def balanced_assign(dist: Float[Array, "n k"], capacity: int, shortlist: int = 1
     n, k = dist.shape
     if n > k * capacity:
         raise ValueError(f"{n} points do not fit {k} codes of capacity {capacity}")
-    rows = jnp.arange(n)
+    dist, rows = jnp.asarray(dist), jnp.arange(n)
     _, near = jax.lax.top_k(-dist, min(shortlist, k))  # [n, shortlist], nearest first
 
     def nearest_open(free, room):
