@@ -336,7 +336,8 @@ def test_built_sids_train_with_sid_train(tmp_path):
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
     src = write_synthetic(tmp_path / "src", num_items=64, num_users=120, seed=0)
     np.save(tmp_path / "emb.npy", np.zeros((63, 8), np.float32))
-    args = _index_args(src, tmp_path / "out", "--embed.source", "npy", "--embed.npy-path", str(tmp_path / "emb.npy"))
+    npy = ("--embed.source", "npy", "--embed.npy-path", str(tmp_path / "emb.npy"), "--embed.expected-dim", "8")
+    args = _index_args(src, tmp_path / "out", *npy)
     assert index_main(args) == 2
     err = capsys.readouterr().err.strip()
     assert (

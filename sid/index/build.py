@@ -33,15 +33,22 @@ def embeddings(cfg: EmbedConfig, data: DataConfig, interactions: list[Interactio
     """[items, dim] float32 embeddings of `item_ids` (ascending) from the configured source, checked."""
     directory = data_dir(data)
     if cfg.source == "npy":
-        return load_npy(cfg.npy_path, item_ids, cfg.dim or None)
+        return load_npy(cfg.npy_path, item_ids, cfg.expected_dim or None)
     if cfg.source == "text":
         from sid.index.text import text_embeddings
 
         emb = text_embeddings(cfg, directory / f"{data.category}.item.json", item_ids)
-        return check_embeddings(emb, item_ids, cfg.model_dir, cfg.dim or None)
-    what = directory / (f"{data.category}.inter.json" if data.source == "letter" else data.train_file)
+        return check_embeddings(emb, item_ids, cfg.model_dir, cfg.expected_dim or None)
+    what = directory / (f"{data.category}.inter.json" if data.source == "letter" else split_files(data)[0])
     emb = collaborative(interactions, item_ids, cfg.dim, cfg.window, cfg.seed, what)
     return check_embeddings(emb, item_ids, what)
+
+
+def split_files(data: DataConfig) -> tuple[str, str, str]:
+    """The train, valid and test CSVs of a MiniOneRec-format source (synthetic data has fixed names)."""
+    if data.source == "synthetic":
+        return "train.csv", "valid.csv", "test.csv"
+    return data.train_file, data.valid_file, data.test_file
 
 
 def relative_error(x: np.ndarray, recon: np.ndarray) -> float:
@@ -62,8 +69,7 @@ def write_dataset(job: IndexJob, out: Path, sids: dict[int, str]) -> None:
     for name in TOKENIZER_FILES:  # a dataset's own tokenizer (the synthetic one) travels with it
         if (src / name).is_file():
             copy_file(src / name, out)
-    splits = (job.data.train_file, job.data.valid_file, job.data.test_file)
-    for name in ("train.csv", "valid.csv", "test.csv") if job.data.source == "synthetic" else splits:
+    for name in split_files(job.data):
         rows = rewrite_csv(src / name, out / name, sids)
         logger.info("rewrote %s (%d rows)", out / name, rows)
 

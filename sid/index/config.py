@@ -22,7 +22,9 @@ class EmbedConfig:
     """collaborative: SVD of the item co-occurrence PPMI matrix; text: mean-pooled Qwen2 hidden states of title +
     description; npy: a [items, dim] float array, row i for the i-th item id in ascending order."""
     dim: int = 64
-    """collaborative: SVD rank. npy/text: the width rows must have (0: any)."""
+    """collaborative: SVD rank (the embedding width)."""
+    expected_dim: int = 0
+    """npy/text: the width every row must have (0: any)."""
     window: int = 5
     """collaborative: a target co-occurs with this many history items just before it."""
     seed: int = 0
@@ -39,8 +41,8 @@ class EmbedConfig:
     """text: the model's compute dtype (pooling is always f32)."""
 
     def __post_init__(self):
-        if self.dim < 0 or self.window < 1 or self.max_tokens < 1 or self.batch_size < 1:
-            raise ValueError("embed.dim must be >= 0 and window, max_tokens, batch_size >= 1")
+        if self.dim < 1 or self.expected_dim < 0 or self.window < 1 or self.max_tokens < 1 or self.batch_size < 1:
+            raise ValueError("embed.expected_dim must be >= 0 and dim, window, max_tokens, batch_size >= 1")
 
 
 @dataclass(frozen=True)

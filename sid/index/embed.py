@@ -44,7 +44,7 @@ def check_embeddings(emb: np.ndarray, item_ids: Sequence[int], path: str | Path,
     if emb.shape[0] > len(item_ids):
         raise EmbeddingError(path, None, None, f"{emb.shape[0]} rows for {len(item_ids)} items: rows without items")
     if dim is not None and emb.shape[1] != dim:
-        raise EmbeddingError(path, None, None, f"rows have {emb.shape[1]} values, expected {dim} (embed.dim)")
+        raise EmbeddingError(path, None, None, f"rows have {emb.shape[1]} values, expected {dim} (embed.expected_dim)")
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
     if bad.size:
         raise EmbeddingError(
