@@ -70,3 +70,10 @@ QUALITY_ARGS ?=
 .PHONY: bench-quality
 bench-quality: $(STAMP)
 	$(BIN)/python bench/quality.py --mode $(MODE) $(QUALITY_ARGS)
+
+# SIDs for MiniOneRec Industrial from collaborative embeddings of its train CSV (RQ-KMeans, 3 levels x 256 codes):
+# a complete dataset directory (index, item.json, info.txt, CSVs with the new SID columns) in $(SIDS_DIR).
+SIDS_DIR ?= runs/sids/minionerec_industrial
+.PHONY: sids
+sids: $(STAMP)
+	$(BIN)/python -m sid.index --config configs/index/industrial.yaml --output.dir $(SIDS_DIR)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sid.config import ConfigError, cli, from_dict, load_yaml
+from sid.index.config import IndexJob
 from sid.jobs import EvalJob, NanoGPTJob, TrainJob
 
 # A bare environment (no user settings leak in), keeping PYTHONPATH for checkouts run without installing.
@@ -17,7 +18,7 @@ CHILD_ENV = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"} | (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB_FOR_DIR = {"train": TrainJob, "eval": EvalJob, "nanogpt": NanoGPTJob}
+JOB_FOR_DIR = {"train": TrainJob, "eval": EvalJob, "nanogpt": NanoGPTJob, "index": IndexJob}
 PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
