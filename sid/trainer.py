@@ -383,12 +383,14 @@ def fit(
     require_shared_directory(run.path)
     ckpt = Checkpointer(run.path / CHECKPOINT_DIR, keep=cfg.keep_checkpoints)
     start = 0
-    if cfg.resume and ckpt.latest_step() is not None:
-        start, state, data_state = ckpt.restore(abstract_like(state))
+    restored = ckpt.restore_latest_intact(abstract_like(state)) if cfg.resume else None
+    if restored is not None:
+        start, state, data_state = restored
         batches.set_state(data_state)
         log.info("resumed from checkpoint step %d", start)
     elif cfg.resume:
         log.info("resume requested but %s holds no checkpoint: starting fresh", ckpt.directory)
+    run.truncate_metrics(start)  # the steps after `start` that an earlier, killed run logged are logged again
     step_fn = make_train_step(
         static,
         loss_fn,
