@@ -67,7 +67,8 @@ class TrainState(eqx.Module):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/Inf; training stopped and the last good checkpoint was kept."""
+    """The loss, gradient norm or update norm became NaN/Inf; training stopped before saving the poisoned params,
+    and the last good checkpoint was kept."""
 
 
 class TrainFlops(NamedTuple):
@@ -230,6 +231,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
+            "update_norm": optax.global_norm(updates),
             "lr": lr_schedule(state.step),
             "supervised_tokens": n_tokens,
             "tokens": _real_tokens(batch),
@@ -430,10 +432,13 @@ def fit(
         pending = None
         m = jax.device_get(metrics)
         loss = float(m["loss"])
-        if not math.isfinite(loss):
+        # A finite loss can still come with NaN gradients or an overflowing update, which poison the params it
+        # returns: check all three before anything (the next save) uses them.
+        bad = [k for k in ("loss", "grad_norm", "update_norm") if not math.isfinite(float(m[k]))]
+        if bad:
             raise NonFiniteLoss(
-                f"non-finite loss {loss} at step {step_done}; stopped. Last good checkpoint: "
-                f"{last_saved if last_saved is not None else 'none'} in {ckpt.directory}"
+                f"non-finite {', '.join(f'{k} {float(m[k])}' for k in bad)} at step {step_done}; stopped. "
+                f"Last good checkpoint: {last_saved if last_saved is not None else 'none'} in {ckpt.directory}"
             )
         last_loss = loss
         now = time.perf_counter()
