@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 
 from sid.compat.hf import export_qwen2
-from sid.config import run_cli
+from sid.config import ConfigError, run_cli
 from sid.data.config import TokenizerConfig
 from sid.data.pipeline import BatchPlan
 from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
@@ -103,6 +103,12 @@ def run_train(job: TrainJob) -> dict:
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
 
     rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
+    if not rows_data:  # else the alignment samples alone would train, or BatchPlan fail without saying why
+        first = f"; the first: {bad_rows.examples[0]}" if bad_rows.examples else ""
+        raise ConfigError(
+            f"the train split of {job.data.source} data in {job.data.dir} has no usable rows "
+            f"({bad_rows.total} bad rows skipped: {bad_rows.counts}{first})"
+        )
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
     model, vocab_resize = build_model(job.model, tok)
     log.info(
@@ -159,6 +165,7 @@ def run_train(job: TrainJob) -> dict:
     train.update(effective_batch_size=global_rows, steps_per_epoch=plan.steps_per_epoch)
     run.update(train=train)
     if train.get("preempted_at") is not None:
+        run.update(status="preempted", exit_code=PREEMPTED_EXIT_CODE)
         tracker.finish()
         return run.summary
     host_model = to_host(model)  # a collective on multi-host runs: every process takes part
@@ -173,8 +180,16 @@ def run_train(job: TrainJob) -> dict:
     return run.summary
 
 
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: run it again with
+--train.resume); run_summary.json then says status: preempted. 0: finished; 1: stopped (non-finite loss, a
+checkpoint that cannot be written); 2: bad input."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(TrainJob, run_train, argv)
+    summary: dict = {}
+    rc = run_cli(TrainJob, lambda job: summary.update(run_train(job)), argv)
+    return PREEMPTED_EXIT_CODE if rc == 0 and summary.get("status") == "preempted" else rc
 
 
 if __name__ == "__main__":
