@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ class Checkpointer:
             if wait:
                 self.manager.wait_until_finished()
         except Exception as e:
+            _release_waiting_save_threads()
             raise CheckpointError(f"{self.directory}: saving checkpoint step {step} failed: {_one_line(e)}") from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
@@ -111,8 +113,33 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save, then release the manager; a failed save raises CheckpointError."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:
+            _release_waiting_save_threads()
+            raise CheckpointError(f"{self.directory}: the last checkpoint save failed: {_one_line(e)}") from e
+
+
+def _release_waiting_save_threads() -> None:
+    """After a failed async save, wake orbax's helper threads that wait for a signal the failed one never sends.
+
+    They are not daemon threads, so otherwise the interpreter waits for them at exit (each waits orbax's barrier
+    timeout, minutes, and they wait in turn): a failed save would hang the process after its error. Each is
+    cancelled, then its awaited signals are set so it wakes, sees the cancel and returns. Private orbax API
+    (pinned in pyproject): if it changes, this does nothing."""
+    try:
+        from orbax.checkpoint._src.futures import future
+    except ImportError:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, getattr(future, "_SignalingThread", ())) and thread.is_alive():
+            try:
+                thread._cancelled = True
+                future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
+            except Exception as e:  # noqa: BLE001 - best effort on the way to an error exit
+                log.warning("could not release orbax save thread %s (%s)", thread.name, _one_line(e))
 
 
 def all_finite(tree: Any) -> bool:
