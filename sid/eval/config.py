@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sid.config import ConfigError
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -28,3 +30,12 @@ class EvalConfig:
     """sid.eval: run directory (or checkpoint step directory) to evaluate; empty: the config's own model."""
     predictions_file: str = "predictions.json"
     """Predictions in MiniOneRec calc.py schema, inside the run directory."""
+
+    def __post_init__(self):
+        for name in ("num_beams", "per_device_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_samples < 0:
+            raise ConfigError(f"eval.max_samples must be >= 0 (0: all samples), got {self.max_samples}")
+        if not self.topk or min(self.topk) < 1:
+            raise ConfigError(f"eval.topk must be K values >= 1, got {self.topk}")
