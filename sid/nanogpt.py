@@ -136,7 +136,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
             if run.main:
                 eqx.tree_serialise_leaves(best_path, current)
 
-    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
+    tracker = Tracker(job.wandb, run=run)
     model, train = fit(
         model=model,
         loss_fn=gpt_loss,

@@ -43,6 +43,7 @@ def run_eval(job: EvalJob) -> dict:
     init_distributed(job.mesh)
     load_dotenv()
     run = RunDir(job.output_dir, job, log_name="eval.log")
+    tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
     mesh = make_mesh(job.mesh)
     split = load_split(job.data, job.eval.split, run_dir=run.path)
     catalog = split[1]
@@ -60,7 +61,6 @@ def run_eval(job: EvalJob) -> dict:
     else:
         tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
         model, _ = build_model(job.model, tok)
-    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
     metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker, split_data=split)
     run.update(eval=metrics)
     tracker.summary({f"eval/HR@{k}": v for k, v in metrics["hr"].items()})
