@@ -99,6 +99,7 @@ def run_train(job: TrainJob) -> dict:
     load_dotenv()
     check_output_dir(job.train)
     run = RunDir(job.train.output_dir, job)
+    tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
 
@@ -147,7 +148,6 @@ def run_train(job: TrainJob) -> dict:
 
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
 
-    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
     model, train = fit(
         model=model,
         loss_fn=sft_loss,
