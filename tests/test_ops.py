@@ -294,7 +294,7 @@ def test_bootstrap_command(gcloud):
         "--python",
         ".venv/bin/python",
         "-e",
-        ".[wandb]",
+        ".",
         JAX_TPU,
     ]
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
@@ -399,7 +399,7 @@ def test_bootstrap_defaults_and_rerun_on_a_fake_worker(gcloud, remote, project):
     uv = (Path(env["FAKE_UV_LOG"])).read_text().splitlines()
     assert uv[:2] == [
         "uv venv --allow-existing --python 3.12 .venv",
-        f"uv pip install --python .venv/bin/python -e .[wandb] {JAX_TPU}",
+        f"uv pip install --python .venv/bin/python -e . {JAX_TPU}",
     ]
     r = ops("tpu_bootstrap.sh", "--name", "t1", "--zone", "z", "--project", "p", env=env, root=project)
     assert r.returncode == 0 and f"fetch --quiet origin {_git(project, 'rev-parse', 'HEAD')}" in calls()[-1][-1]
