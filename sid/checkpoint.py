@@ -28,12 +28,15 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    """Saves and restores `(state pytree of arrays, data-iterator state dict)` under `directory`."""
+    """Saves and restores `(state pytree of arrays, data-iterator state dict)` under `directory`, keeping the
+    newest `keep`; `read_only` (evaluation) only restores and writes nothing."""
 
-    def __init__(self, directory: str | Path, *, keep: int):
+    def __init__(self, directory: str | Path, *, keep: int | None, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self._probe(None)
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+        if not read_only:
+            self._probe(None)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only, create=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def _probe(self, step: int | None) -> None:
         """Fail now, with one line, where orbax's background save would fail later (and leave its other threads
@@ -63,7 +66,7 @@ class Checkpointer:
                 self.manager.wait_until_finished()
         except Exception as e:
             _release_waiting_save_threads()
-            raise CheckpointError(f"{self.directory}: saving checkpoint step {step} failed: {_one_line(e)}") from e
+            raise CheckpointError(f"{self.directory}: saving checkpoint step {step} failed: {error_line(e)}") from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
         """Restore into `abstract_state` (a pytree of jax.ShapeDtypeStruct carrying shardings)."""
@@ -82,22 +85,46 @@ class Checkpointer:
         Each damaged step gets one warning naming it and what is wrong; the damaged steps newer than the one
         restored move aside (DAMAGED_SUFFIX), so the resumed run can save those steps again. Raises CheckpointError
         naming each step's problem when no step is intact."""
+        found = self._newest_intact(lambda step: self.restore(abstract_state, step), "resume from")
+        if found is None:
+            return None
+        restored, damaged = found
+        self._move_aside(damaged)
+        return restored
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[int, Any]:
+        """(step, params) of `step`, or of the newest intact step: only the `params` item of the saved state (what
+        evaluation needs: no optimizer state to rebuild). Damaged steps are warned about and left in place."""
+
+        def params_of(s: int) -> tuple[int, Any]:
+            target = {"params": abstract_params}
+            restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+            args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+            return s, self.manager.restore(s, args=ocp.args.Composite(state=args))["state"]["params"]
+
+        found = self._newest_intact(params_of, "evaluate", steps=None if step is None else [step])
+        if found is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to evaluate")
+        return found[0]
+
+    def _newest_intact(self, restore, purpose: str, steps: list[int] | None = None):
+        """(restore(step) of the newest step that restores and is finite, the damaged steps newer than it), None
+        without steps; CheckpointError naming each step's problem when none is intact."""
         problems: list[tuple[int, str]] = []
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        for step in sorted(self.manager.all_steps() if steps is None else steps, reverse=True):
             try:
-                restored = self.restore(abstract_state, step)
+                restored = restore(step)
                 if not all_finite(restored[1]):
                     raise ValueError("it holds NaN or Inf values")
             except Exception as e:  # noqa: BLE001 - any failure to read a step means that step is damaged
-                why = _one_line(e)
+                why = error_line(e)
                 problems.append((step, why))
                 log.warning("checkpoint %s is damaged (%s); trying an older one", self.directory / str(step), why)
                 continue
-            self._move_aside([s for s, _ in problems])
-            return restored
+            return restored, [s for s, _ in problems]
         if problems:
             listed = "; ".join(f"step {s}: {why}" for s, why in problems)
-            raise CheckpointError(f"{self.directory}: no intact checkpoint to resume from ({listed})")
+            raise CheckpointError(f"{self.directory}: no intact checkpoint to {purpose} ({listed})")
         return None
 
     def _move_aside(self, steps: list[int]) -> None:
@@ -119,7 +146,7 @@ class Checkpointer:
             self.manager.close()
         except Exception as e:
             _release_waiting_save_threads()
-            raise CheckpointError(f"{self.directory}: the last checkpoint save failed: {_one_line(e)}") from e
+            raise CheckpointError(f"{self.directory}: the last checkpoint save failed: {error_line(e)}") from e
 
 
 def _release_waiting_save_threads() -> None:
@@ -139,7 +166,7 @@ def _release_waiting_save_threads() -> None:
                 thread._cancelled = True
                 future.set_signals(thread._receive_signals, operation_id=thread._operation_id)
             except Exception as e:  # noqa: BLE001 - best effort on the way to an error exit
-                log.warning("could not release orbax save thread %s (%s)", thread.name, _one_line(e))
+                log.warning("could not release orbax save thread %s (%s)", thread.name, error_line(e))
 
 
 def all_finite(tree: Any) -> bool:
@@ -148,7 +175,7 @@ def all_finite(tree: Any) -> bool:
     return bool(jax.device_get(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])))) if leaves else True
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def error_line(e: BaseException, limit: int = 300) -> str:
     """`Type: first line` of an error, without TensorStore's JSON spec and at most `limit` characters."""
     text = (str(e).strip().splitlines() or [""])[0].split(" [tensorstore_spec")[0]
     text = text if len(text) <= limit else text[: limit - 3] + "..."
