@@ -2,6 +2,7 @@
 nothing non-finite is saved or written as bare NaN, results files appear whole or not at all, small input checks,
 W&B placement, and kill -9 at random points resumes bitwise."""
 
+import dataclasses
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import tomllib
 import types
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +38,7 @@ SMOKE = str(ROOT / "configs/train/cpu/smoke.yaml")
 
 
 def params_of(model) -> list[np.ndarray]:
-    return [np.asarray(x) for x in jax.tree.leaves(model)]
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
 
 
 def strict_records(path: Path) -> list[dict]:
@@ -64,6 +66,9 @@ def _damage(step_dir: Path, kind: str) -> None:
     elif kind == "zeroed array blob":  # the largest data file holds the arrays; zeros fail only when read
         blob = max((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
         blob.write_bytes(bytes(blob.stat().st_size))
+    elif kind == "zeroed array blobs":  # every one: a params-only restore (eval) reads only some of them
+        for blob in (step_dir / "state").rglob("d/*"):
+            blob.write_bytes(bytes(blob.stat().st_size))
     elif kind == "deleted state/_METADATA":
         (step_dir / "state" / "_METADATA").unlink()
     elif kind == "deleted state/":
@@ -121,6 +126,46 @@ def test_a_checkpoint_holding_nan_is_not_intact(tmp_path):
     step, state, data = ckpt.restore_latest_intact(abstract)
     ckpt.close()
     assert (step, data) == (1, {"i": 1}) and all_finite(state)
+
+
+def test_eval_checkpoint_falls_back_from_a_damaged_export_to_the_newest_intact_checkpoint(tmp_path):
+    """sid.eval --eval.checkpoint RUN_DIR: the exported model, else (damaged) the newest intact checkpoint, whose
+    params are the export's bitwise (the final step is saved and exported in float32)."""
+    from sid.config import load_yaml
+    from sid.data.tasks import load_split
+    from sid.eval.__main__ import load_checkpoint
+    from sid.jobs import EvalJob
+    from sid.train import main as train_main
+
+    run = tmp_path / "run"
+    args = ["--config", SMOKE, "--train.output-dir", str(run), "--train.max-steps", "4", "--train.save-every", "2"]
+    assert train_main([*args, "--eval.no-enabled", "--train.keep-checkpoints", "3"]) == 0
+    base = load_yaml(EvalJob, ROOT / "configs/eval/cpu/smoke.yaml")
+
+    def evaluating(path: Path) -> EvalJob:
+        return dataclasses.replace(base, eval=dataclasses.replace(base.eval, checkpoint=str(path)))
+
+    job = evaluating(run)
+    catalog = load_split(job.data, "test", run_dir=tmp_path / "eval")[1]
+
+    exported, tok = load_checkpoint(job, catalog)
+    os.truncate(run / "model" / "model.safetensors", 100)
+    from_ckpt, tok4 = load_checkpoint(job, catalog)
+    assert tok4.vocab_size == tok.vocab_size
+    for got, want in zip(params_of(from_ckpt), params_of(exported), strict=True):
+        np.testing.assert_array_equal(got, want)
+    log = (tmp_path / "run" / "train.log").read_text()  # sid's logger still writes to the last RunDir's log
+    assert f"{run}: " in log and "evaluating its newest intact checkpoint instead" in log
+
+    _damage(run / "checkpoints" / "4", "zeroed array blobs")
+    step2, _ = load_checkpoint(job, catalog)
+    direct, _ = load_checkpoint(evaluating(run / "checkpoints" / "2"), catalog)  # a step directory
+    for got, want in zip(params_of(step2), params_of(direct), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(params_of(step2), params_of(exported), strict=True))
+    _damage(run / "checkpoints" / "2", "zeroed array blobs")
+    with pytest.raises(CheckpointError, match="no intact checkpoint to evaluate .*step 4: .*step 2: "):
+        load_checkpoint(job, catalog)
 
 
 # --- 2. an unwritable checkpoint directory: a clear error, a non-zero exit, no hang ----------------------------------
