@@ -27,7 +27,8 @@ class EvalConfig:
     prompt_buckets: tuple[int, ...] = (128, 256, 512)
     """Prompt lengths padded to (left padding); each compiles once."""
     checkpoint: str = ""
-    """sid.eval: run directory (or checkpoint step directory) to evaluate; empty: the config's own model."""
+    """sid.eval: run directory to evaluate (its exported model; if that is missing or damaged, its newest intact
+    checkpoint), an HF directory, or one checkpoint step directory; empty: the config's own model."""
     predictions_file: str = "predictions.json"
     """Predictions in MiniOneRec calc.py schema, inside the run directory."""
 
