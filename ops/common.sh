@@ -62,16 +62,21 @@ require_name() {
     die "bad TPU name '$NAME': lowercase letters, digits and '-', starting with a letter"
 }
 
-# A value tpu_create.sh recorded for $NAME (zone or project), or nothing.
+# A value tpu_create.sh recorded for $NAME (zone or project), or nothing. A dry run reads first what a dry-run
+# create recorded (NAME.dry-run: its first zone), so `make tpu-create compare DRY_RUN=1` prints the commands a
+# real run would, without a real record ever coming from a dry run.
 state_get() {
   local file=$SID_TPU_STATE_DIR/$NAME
+  if ((DRY_RUN)) && [[ -f $file.dry-run ]]; then file+=.dry-run; fi
   [[ -f $file ]] && sed -n "s/^$1=//p" "$file"
   return 0
 }
 
 state_put() {
+  local file=$SID_TPU_STATE_DIR/$NAME
+  if ((DRY_RUN)); then file+=.dry-run; fi
   mkdir -p "$SID_TPU_STATE_DIR"
-  printf 'zone=%s\nproject=%s\n' "$ZONE" "$PROJECT" >"$SID_TPU_STATE_DIR/$NAME"
+  printf 'zone=%s\nproject=%s\n' "$ZONE" "$PROJECT" >"$file"
 }
 
 # PROJECT from --project, else (for an existing TPU) what tpu_create.sh recorded, else gcloud's default.

@@ -3,12 +3,14 @@
 #   make tpu-create TPU_NAME=sid-v6e ZONES=us-east5-b,us-east1-d          # spot v6e-8, first zone with capacity
 #   make tpu-bootstrap tpu-sync-env TPU_NAME=sid-v6e
 #   make tpu-ssh TPU_NAME=sid-v6e WORKER=all ENV_FILE=.env CMD='.venv/bin/python -m sid.train --config ...'
+#   make tpu-ssh TPU_NAME=sid-v6e AS_ROOT=1 CMD='ls'                       # as root, in /root/sid
 #   make compare A=main B=HEAD TRAIN_CONFIG=configs/train/cpu/smoke.yaml EVAL_CONFIG=configs/eval/cpu/smoke.yaml
 #   make tpu-create compare WHERE=tpu TPU_NAME=sid-v6e ZONES=... A=... B=... TRAIN_CONFIG=... EVAL_CONFIG=...
 #   make tpu-delete TPU_NAME=sid-v6e
 # DRY_RUN=1 prints the commands of every target (the gcloud commands of the tpu-* targets; the worktree, train,
 # eval and report commands of compare) instead of running them; ASYNC=1 makes tpu-create and tpu-delete return
-# once requested; QUIET=1 deletes without asking; ON_DEMAND=1 creates on-demand, not spot.
+# once requested; QUIET=1 deletes without asking; ON_DEMAND=1 creates on-demand, not spot; AS_ROOT=1 runs
+# tpu-ssh's command as root (in /root/sid).
 
 OPS := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 
@@ -23,6 +25,7 @@ REPO ?=
 CMD ?=
 WORKER ?= 0
 ENV_FILE ?=
+AS_ROOT ?=
 A ?=
 B ?=
 TRAIN_CONFIG ?=
@@ -56,7 +59,7 @@ tpu-sync-env:
 
 tpu-ssh:
 	$(OPS)/tpu_ssh.sh $(TPU_ARGS) --worker $(call shq,$(WORKER)) $(call opt,--env-file,$(ENV_FILE)) \
-		$(if $(strip $(value CMD)),-- $(call shq,$(value CMD)))
+		$(if $(AS_ROOT),--root) $(if $(strip $(value CMD)),-- $(call shq,$(value CMD)))
 
 tpu-delete:
 	$(OPS)/tpu_delete.sh $(TPU_ARGS) $(if $(QUIET),--quiet) $(if $(ASYNC),--async)

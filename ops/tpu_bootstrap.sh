@@ -14,7 +14,7 @@
 #
 # Idempotent: re-running fetches REF into the existing checkout and upgrades the venv in place. The venv is
 # made by uv with its own CPython, so the result does not depend on the image's python3 (3.10 on
-# tpu-ubuntu2204-base, which this package does not support). Installs `pip install -e '.[wandb]'` plus
+# tpu-ubuntu2204-base, which this package does not support). Installs `pip install -e .` (wandb included) plus
 # jax[tpu] in the jax range of pyproject.toml, in one resolve so both agree.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -61,7 +61,7 @@ steps=(
   "git -C $q_dir checkout --quiet --detach FETCH_HEAD"
   "cd $q_dir"
   "uv venv --allow-existing --python $(shell_quote "$PY_VERSION") .venv"
-  "uv pip install --python .venv/bin/python -e '.[wandb]' $(shell_quote "jax[tpu]$jax_range")"
+  "uv pip install --python .venv/bin/python -e . $(shell_quote "jax[tpu]$jax_range")"
   "echo \"\$(hostname): \$(git rev-parse --short HEAD), jax \$(.venv/bin/python -c 'import jax; print(jax.__version__)')\""
 )
 remote=$(printf '%s; ' "${steps[@]}")

@@ -11,7 +11,8 @@
 #   --project P         GCP project (default: gcloud config get-value project)
 #   --async             return once the request is accepted (capacity errors may then surface later,
 #                       so zone fallback only covers errors gcloud reports at once)
-#   --dry-run           print the gcloud command for each zone, one per line, and run nothing
+#   --dry-run           print the gcloud command for each zone, one per line, and run nothing; records the
+#                       first zone for other dry runs only (workdir/tpu/NAME.dry-run)
 #   -h, --help          this help
 #
 # On success prints the zone and records it (and the project) in workdir/tpu/NAME, so the other ops/tpu_*.sh
@@ -74,6 +75,8 @@ if ((DRY_RUN)); then
     create_argv "$ZONE"
     run "${cmd[@]}"
   done
+  ZONE=${zone_list[0]}
+  state_put # NAME.dry-run: later dry runs (make tpu-create compare DRY_RUN=1) use the first zone
   exit 0
 fi
 
@@ -102,6 +105,7 @@ if ((rc != 0)); then
 fi
 
 state_put
+rm -f "$SID_TPU_STATE_DIR/$NAME.dry-run"
 if ((ASYNC)); then
   echo "Requested TPU $NAME ($TYPE, $capacity) in zone $ZONE (project $PROJECT); it is being created."
   echo "Wait for READY: gcloud compute tpus tpu-vm describe $NAME --zone=$ZONE --project=$PROJECT --format='value(state)'"

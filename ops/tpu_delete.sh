@@ -29,6 +29,6 @@ done
 resolve_tpu
 run gcloud compute tpus tpu-vm delete "$NAME" --zone="$ZONE" --project="$PROJECT" ${flags[@]+"${flags[@]}"}
 if ((!DRY_RUN)); then
-  rm -f "$SID_TPU_STATE_DIR/$NAME"
+  rm -f "$SID_TPU_STATE_DIR/$NAME" "$SID_TPU_STATE_DIR/$NAME.dry-run"
   [[ " ${flags[*]-} " == *" --async "* ]] && echo "Deletion of TPU $NAME in $ZONE requested." || echo "Deleted TPU $NAME in $ZONE."
 fi

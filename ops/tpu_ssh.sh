@@ -8,6 +8,8 @@
 #                      COMMAND; it must exist there (ops/tpu_sync_env.sh puts .env in place)
 #   --dir DIR          directory on the workers to run in, relative to the home directory (default: sid, the
 #                      checkout of ops/tpu_bootstrap.sh; '.' for the home directory)
+#   --root             run as root (sudo -n -H): the home directory is root's (/root), so the default --dir is
+#                      /root/sid, as in SOPs whose checkout and venv live under /root; a shell is a root login
 #   --zone Z           zone (default: the one ops/tpu_create.sh recorded)
 #   --project P        GCP project (default: recorded, else gcloud config get-value project)
 #   --dry-run          print the gcloud command and run nothing
@@ -20,7 +22,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-WORKER=0 ENV_FILE="" DIR=sid
+WORKER=0 ENV_FILE="" DIR=sid AS_ROOT=0
 while (($#)); do
   [[ $1 == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"
   case $1 in
@@ -28,6 +30,7 @@ while (($#)); do
     --worker) need_value "$@"; WORKER=$2; shift 2 ;;
     --env-file) need_value "$@"; ENV_FILE=$2; shift 2 ;;
     --dir) need_value "$@"; DIR=$2; shift 2 ;;
+    --root) AS_ROOT=1; shift ;;
     --zone) need_value "$@"; ZONE=$2; shift 2 ;;
     --project) need_value "$@"; PROJECT=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -45,7 +48,9 @@ resolve_tpu
 if [[ -z $COMMAND ]]; then
   [[ $WORKER =~ ^[0-9]+$ ]] || die "an interactive shell needs a single --worker index; pass a COMMAND to run on '$WORKER'"
   [[ -z $ENV_FILE ]] || die "--env-file needs a COMMAND (in a shell, run: set -a; . $ENV_FILE; set +a)"
-  run gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --project="$PROJECT" --worker="$WORKER"
+  login=(gcloud compute tpus tpu-vm ssh "$NAME" --zone="$ZONE" --project="$PROJECT" --worker="$WORKER")
+  if ((AS_ROOT)); then login+=(--command="sudo -i" -- -t); fi # -t: sudo's shell needs a terminal
+  run "${login[@]}"
   exit 0
 fi
 
@@ -75,6 +80,8 @@ if [[ -n $ENV_FILE ]]; then
   remote+=" else echo \"tpu_ssh: env file $q not found on \$(hostname): run ops/tpu_sync_env.sh\" >&2; exit 2; fi;"
 fi
 remote+=" $COMMAND"
+# As root: the whole script runs in root's shell, from root's home (`cd` alone), so --dir is relative to /root.
+if ((AS_ROOT)); then remote="sudo -n -H bash -c $(shell_quote "cd; $remote")"; fi
 
 status=0
 tpu_ssh_cmd "$WORKER" "$remote" || status=$?

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sid.atomic import write_text
+
 SUMMARY = "run_summary.json"
 EVAL_SUMMARY = Path("eval") / SUMMARY
 METRICS = "metrics.jsonl"
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     report = render_report(
         a, b, label_a=label_a, label_b=label_b, configs=configs, plot="loss.png" if plotted else None
     )
-    (args.out / "report.md").write_text(report)
+    write_text(args.out / "report.md", report)
     for label, run in (("A", a), ("B", b)):
         for problem in run.problems:
             print(f"sid.compare: {label} ({run.path}): {problem}", file=sys.stderr)

@@ -172,7 +172,9 @@ def cli(cls: type[T], *, args: list[str] | None = None, description: str | None 
 
 def run_cli(cls: type[T], run: Callable[[T], object], argv: list[str] | None = None) -> int:
     """An entry point's body: parse the job, run it. Errors of the user's input (a bad config, a bad data row, a
-    missing file) and a non-finite loss end the process with one clear line instead of a traceback."""
+    missing file), a non-finite loss and a checkpoint that cannot be written end the process with one clear line
+    instead of a traceback."""
+    from sid.checkpoint import CheckpointError
     from sid.data.errors import DataError
     from sid.meter import NonFiniteLoss
 
@@ -181,7 +183,7 @@ def run_cli(cls: type[T], run: Callable[[T], object], argv: list[str] | None = N
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -20,7 +20,8 @@ log = logging.getLogger("sid")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm became NaN/Inf; training stopped and the last good checkpoint was kept."""
+    """The loss, gradient norm or update norm became NaN/Inf; training stopped before saving the poisoned params,
+    and the last good checkpoint was kept."""
 
 
 class TrainFlops(NamedTuple):
@@ -139,13 +140,14 @@ class Meter:
         self._show(record)
 
     def _check_finite(self, step: int, m: dict[str, Any]) -> None:
-        # A non-finite gradient norm already poisoned this step's update: stop before it can be saved.
-        for name, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
-            if not math.isfinite(float(m[key])):
-                raise NonFiniteLoss(
-                    f"non-finite {name} {float(m[key])} at step {step}; stopped. Last good checkpoint: "
-                    f"{self.last_good()}"
-                )
+        # A finite loss can still come with NaN gradients or an overflowing update, which poison the params the step
+        # returned: check all three before anything (the next save) uses them.
+        bad = [k for k in ("loss", "grad_norm", "update_norm") if k in m and not math.isfinite(float(m[k]))]
+        if bad:
+            raise NonFiniteLoss(
+                f"non-finite {', '.join(f'{k} {float(m[k])}' for k in bad)} at step {step}; stopped. "
+                f"Last good checkpoint: {self.last_good()}"
+            )
 
     @property
     def tokens_per_s(self) -> float:

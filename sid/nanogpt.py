@@ -146,7 +146,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
     best = _KeepBest(make_eval_loss(data, job, rows, mesh), job.train.eval_loss_every, run)
-    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
+    tracker = Tracker(job.wandb, run=run)
     model, train = fit(
         model=model,
         loss_fn=gpt_loss,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sid.atomic import write_text
 from sid.config import ConfigError, dump_yaml, to_dict
 
 log = logging.getLogger("sid")
@@ -101,8 +103,11 @@ class RunDir:
         self.summary: dict[str, Any] = {}
         self.main = is_main_process()
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            dump_yaml(config, self.path / "config_resolved.yaml")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                dump_yaml(config, self.path / "config_resolved.yaml")
+            except OSError as e:
+                raise ConfigError(f"{self.path}: cannot write the run directory here: {e.strerror or e}") from e
         setup_logging(self.path / log_name if self.main else None)
         self.summary.update(config=to_dict(config), git_sha=git_sha(), versions=package_versions())
 
@@ -113,15 +118,44 @@ class RunDir:
 
     def write_summary(self) -> None:
         if self.main:
-            tmp = self.path / "run_summary.json.tmp"
-            tmp.write_text(json.dumps(self.summary, indent=2, sort_keys=False, default=_jsonable))
-            tmp.replace(self.path / "run_summary.json")
+            write_text(self.path / "run_summary.json", strict_json(self.summary, indent=2))
 
     def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
         """One JSON line per logged step (the loss curve that reports plot)."""
         if self.main:
             with open(self.path / name, "a") as f:
-                f.write(json.dumps(record, default=_jsonable) + "\n")
+                f.write(strict_json(record) + "\n")
+
+    def truncate_metrics(self, step: int, name: str = "metrics.jsonl") -> None:
+        """Drop the records of steps after `step`: a run resumed from checkpoint `step` logs them again, and a
+        reader must see each step once. A torn last line (a kill mid-append) goes too."""
+        path = self.path / name
+        if not self.main or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        write_text(path, "".join(kept))
+
+
+def strict_json(obj: Any, **kw: Any) -> str:
+    """JSON that strict readers accept: NaN and Inf become null (and numpy/jax scalars plain numbers)."""
+    return json.dumps(_finite(obj), allow_nan=False, default=lambda x: _finite(_jsonable(x)), **kw)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _jsonable(x: Any) -> Any:

@@ -145,6 +145,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": optax.global_norm(grads),
+            "update_norm": optax.global_norm(updates),
             "lr": lr_schedule(state.step),
             "supervised_tokens": n_tokens,
             "tokens": _real_tokens(batch),

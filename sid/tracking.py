@@ -1,10 +1,14 @@
-"""W&B tracking that never stops a run: lazy import, and any failure degrades to disabled with one warning."""
+"""W&B tracking that never stops a run: lazy import, and any failure degrades to disabled with one warning (and,
+given the run directory, a `wandb` section in run_summary.json saying why)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from sid.run import RunDir
 
 log = logging.getLogger("sid")
 
@@ -23,14 +27,31 @@ class WandbConfig:
     """Run name; None: the run directory's name."""
     tags: tuple[str, ...] = ()
     """Run tags."""
+    init_timeout_s: float = 30.0
+    """Seconds W&B may take to start (online: to log in and reach the server) before the run goes on without it."""
 
 
 class Tracker:
     """Logs metrics to W&B when enabled; a missing package, failed init or failed log turns it off with one
-    warning and the run goes on."""
+    warning and the run goes on.
 
-    def __init__(self, cfg: WandbConfig, *, run_name: str, config: dict[str, Any], enabled: bool = True):
+    Given `run`, the run name, config and main-process flag default to the run directory's, W&B's files (offline:
+    the run to sync later) go under it rather than the current directory, and run_summary.json's `wandb` section
+    says whether W&B logs, and why not when it was asked to."""
+
+    def __init__(
+        self,
+        cfg: WandbConfig,
+        *,
+        run: RunDir | None = None,
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        enabled: bool | None = None,
+    ):
         self.run = None
+        self.mode = cfg.mode
+        self._run_dir = run
+        enabled = (run.main if run is not None else True) if enabled is None else enabled
         if cfg.mode == "disabled" or not enabled:
             return
         try:
@@ -39,17 +60,26 @@ class Tracker:
             self.run = wandb.init(
                 project=cfg.project,
                 entity=cfg.entity,
-                name=cfg.name or run_name,
+                name=cfg.name or run_name or (run.path.name if run is not None else None),
                 tags=list(cfg.tags),
                 mode=cfg.mode,
-                config=config,
+                config=config if config is not None else (run.summary.get("config") if run is not None else None),
+                dir=str(run.path) if run is not None else None,
+                settings=wandb.Settings(init_timeout=cfg.init_timeout_s, login_timeout=cfg.init_timeout_s),
             )
         except Exception as e:  # noqa: BLE001 - tracking must never stop a run
             self._disable(f"W&B init failed ({type(e).__name__}: {e}); continuing with W&B disabled")
+        else:
+            self._record(logging=True)
+
+    def _record(self, logging: bool, why: str | None = None) -> None:
+        if self._run_dir is not None:
+            self._run_dir.update(wandb={"mode": self.mode, "logging": logging, **({"why_not": why} if why else {})})
 
     def _disable(self, why: str) -> None:
         log.warning(why)
         self.run = None
+        self._record(logging=False, why=why)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is None:

@@ -107,9 +107,10 @@ def run_train(job: TrainJob) -> dict:
     check_output_dir(job.train)
     check_selection(job.train, job.eval)
     run = RunDir(job.train.output_dir, job)
+    tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
-    rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
+    rows_data, catalog, bad_rows = _train_split(job, run)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
     model = _model(job, tok, mesh, run)
     run.update(data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
@@ -125,7 +126,6 @@ def run_train(job: TrainJob) -> dict:
         seed=job.train.seed, process_index=jax.process_index(), process_count=jax.process_count()
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
-    tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
     loss_fn = functools.partial(sft_loss, label_smoothing=job.train.label_smoothing)
     model, train = fit(
         model=model, loss_fn=loss_fn, optimizer=optimizer, lr_schedule=lr, batches=batches, total_steps=steps,
@@ -135,8 +135,23 @@ def run_train(job: TrainJob) -> dict:
     run.update(train={**train, "effective_batch_size": global_rows, "steps_per_epoch": plan.steps_per_epoch})
     if train.get("preempted_at") is None:
         _export_and_evaluate(job, model, tok, mesh, run, tracker)
+    else:
+        run.update(status="preempted", exit_code=PREEMPTED_EXIT_CODE)
     tracker.finish()
     return run.summary
+
+
+def _train_split(job: TrainJob, run: RunDir):
+    """The train split's rows, catalog and skipped rows; no usable row is an error (else the alignment samples alone
+    would train, or the batch plan fail without saying why)."""
+    rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
+    if not rows_data:
+        first = f"; the first: {bad_rows.examples[0]}" if bad_rows.examples else ""
+        raise ConfigError(
+            f"the train split of {job.data.source} data in {job.data.dir} has no usable rows "
+            f"({bad_rows.total} bad rows skipped: {bad_rows.counts}{first})"
+        )
+    return rows_data, catalog, bad_rows
 
 
 def _model(job: TrainJob, tok: SIDTokenizer, mesh, run: RunDir) -> Qwen2:
@@ -165,8 +180,16 @@ def _export_and_evaluate(job: TrainJob, model: Qwen2, tok: SIDTokenizer, mesh, r
         run.update(eval=evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker))
 
 
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: run it again with
+--train.resume); run_summary.json then says status: preempted. 0: finished; 1: stopped (non-finite loss, a
+checkpoint that cannot be written); 2: bad input."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_cli(TrainJob, run_train, argv)
+    summary: dict = {}
+    rc = run_cli(TrainJob, lambda job: summary.update(run_train(job)), argv)
+    return PREEMPTED_EXIT_CODE if rc == 0 and summary.get("status") == "preempted" else rc
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ class _Session:
         self.best = Checkpointer(run.path / BEST_DIR, keep=1) if cfg.select_by != "none" else None
         self.selection = Selection(SELECT_KEYS.get(cfg.select_by, ""), cfg.early_stop_patience)
         self.start = self.last_saved = 0
-        self._resume()
+        self._resume(run)
         self.step_fn = make_train_step(
             self.static, loss_fn, optimizer, accum=cfg.grad_accum_steps, mesh=mesh, state_sharding=sharding,
             lr_schedule=lr_schedule, gather_once=cfg.gather_params_once,
@@ -163,14 +163,16 @@ class _Session:
         self.compiled: dict[tuple, Any] = {}
         self.compile_s, self.step_memory = 0.0, 0
 
-    def _resume(self) -> None:
-        if not self.cfg.resume:
+    def _resume(self, run: RunDir) -> None:
+        """Continue from the newest intact checkpoint (damaged newer ones are warned about and moved aside)."""
+        restored = self.ckpt.restore_latest_intact(abstract_like(self.state)) if self.cfg.resume else None
+        if restored is None:
+            if self.cfg.resume:
+                log.info("resume requested but %s holds no checkpoint: starting fresh", self.ckpt.directory)
             return
-        if self.ckpt.latest_step() is None:
-            log.info("resume requested but %s holds no checkpoint: starting fresh", self.ckpt.directory)
-            return
-        self.start, self.state, saved = self.ckpt.restore(abstract_like(self.state))
+        self.start, self.state, saved = restored
         self.last_saved = self.start
+        run.truncate_metrics(self.start)  # the steps after it that the interrupted run logged are logged again
         # Checkpoints before best-checkpoint selection saved the iterator's state alone.
         self.batches.set_state(saved.get("iterator", saved))
         if saved.get("selection"):

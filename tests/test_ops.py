@@ -294,7 +294,7 @@ def test_bootstrap_command(gcloud):
         "--python",
         ".venv/bin/python",
         "-e",
-        ".[wandb]",
+        ".",
         JAX_TPU,
     ]
     assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0
@@ -366,7 +366,8 @@ def project(tmp_path_factory):
     shutil.copytree(OPS, root / "ops")
     (root / "sid").mkdir()
     (root / "sid" / "__init__.py").write_text("")
-    shutil.copy(REPO / "sid" / "compare.py", root / "sid" / "compare.py")
+    for module in ("compare.py", "atomic.py"):  # sid.compare and what it imports
+        shutil.copy(REPO / "sid" / module, root / "sid" / module)
     shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
     (root / "configs").mkdir()
     (root / "configs" / "train.yaml").write_text("train:\n  max_steps: 3\n")
@@ -399,7 +400,7 @@ def test_bootstrap_defaults_and_rerun_on_a_fake_worker(gcloud, remote, project):
     uv = (Path(env["FAKE_UV_LOG"])).read_text().splitlines()
     assert uv[:2] == [
         "uv venv --allow-existing --python 3.12 .venv",
-        f"uv pip install --python .venv/bin/python -e .[wandb] {JAX_TPU}",
+        f"uv pip install --python .venv/bin/python -e . {JAX_TPU}",
     ]
     r = ops("tpu_bootstrap.sh", "--name", "t1", "--zone", "z", "--project", "p", env=env, root=project)
     assert r.returncode == 0 and f"fetch --quiet origin {_git(project, 'rev-parse', 'HEAD')}" in calls()[-1][-1]
@@ -431,6 +432,43 @@ def test_ssh_all_workers_with_env_file_propagates_the_exit_code(gcloud, remote):
     assert (remote / "sid" / "seen.txt").read_text() == "abc123|x y"
     dry = ops("tpu_ssh.sh", "--dry-run", *args, user_command, env=env)
     assert shlex.split(dry.stdout) == ["gcloud", *call]
+
+
+FAKE_SUDO = """#!/usr/bin/env bash
+echo "sudo $*" >> "$FAKE_SUDO_LOG"
+while [[ $1 == -* ]]; do shift; done
+HOME=$FAKE_ROOT_HOME exec "$@"
+"""
+
+
+def test_ssh_as_root_runs_in_roots_checkout(gcloud, remote, tmp_path):
+    """--root (make AS_ROOT=1): the whole remote script runs under sudo from root's home, so the default --dir is
+    /root/sid and --env-file is read there; the dry run prints that exact gcloud call."""
+    env, calls = gcloud
+    root_home = tmp_path / "roothome"
+    (root_home / "sid").mkdir(parents=True)
+    (root_home / "sid" / ".env").write_text("SECRET=root-copy\n")
+    (remote / "sid" / ".env").write_text("SECRET=user-copy\n")
+    sudo = Path(env["PATH"].split(":")[0]) / "sudo"
+    sudo.write_text(FAKE_SUDO)
+    sudo.chmod(0o755)
+    env |= {"FAKE_ROOT_HOME": str(root_home), "FAKE_SUDO_LOG": str(tmp_path / "sudo.log")}
+    args = ["--name", "t1", "--zone", "z", "--project", "p", "--root", "--env-file", ".env", "--"]
+    r = ops("tpu_ssh.sh", *args, 'echo "$PWD $SECRET"; exit 3', env=env)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.strip() == f"{root_home / 'sid'} root-copy"
+    [call] = calls()
+    command = call[-1].removeprefix("--command=")
+    assert shlex.split(command)[:5] == ["sudo", "-n", "-H", "bash", "-c"]
+    assert (tmp_path / "sudo.log").read_text().startswith("sudo -n -H bash -c cd; cd sid ||")
+    dry = ops("tpu_ssh.sh", "--dry-run", *args, 'echo "$PWD $SECRET"; exit 3', env=env)
+    assert shlex.split(dry.stdout) == ["gcloud", *call]
+    # Without --root nothing changes: the user's checkout.
+    r = ops("tpu_ssh.sh", *[a for a in args if a != "--root"], 'echo "$PWD $SECRET"', env=env)
+    assert r.stdout.strip() == f"{remote / 'sid'} user-copy" and len(calls()) == 2
+    # An interactive root shell asks sudo for a login shell on a terminal.
+    dry = ops("tpu_ssh.sh", "--dry-run", "--name", "t1", "--zone", "z", "--project", "p", "--root", env=env)
+    assert shlex.split(dry.stdout)[-4:] == ["--worker=0", "--command=sudo -i", "--", "-t"]
 
 
 def test_ssh_missing_env_file_fails_with_a_hint(gcloud, remote):
@@ -948,6 +986,33 @@ def test_compare_dry_run_tpu_prints_the_gcloud_commands_a_run_executes(gcloud, r
     local = [line for line in dry.stdout.splitlines() if not line.startswith("gcloud ")]
     assert [line for line in _echoed(real.stderr) if not line.startswith("gcloud ")] == local
     assert (out / "report.md").is_file()
+
+
+def test_make_tpu_create_compare_dry_run_uses_the_first_zone(gcloud, project, tmp_path):
+    """`make tpu-create compare WHERE=tpu DRY_RUN=1` without ZONE: the dry-run create records its first zone for
+    the dry runs after it (never as the real record), so compare prints the commands for that zone."""
+    env, calls = gcloud
+    state = Path(env["SID_TPU_STATE_DIR"])
+    r = subprocess.run(
+        ["make", "-s", "-C", str(project), "tpu-create", "compare", "WHERE=tpu", "DRY_RUN=1", "TPU_NAME=t1"]
+        + ["ZONES=z1,z2", "PROJECT=p", "A=v1", "B=v2"]
+        + ["TRAIN_CONFIG=configs/train.yaml", "EVAL_CONFIG=configs/eval.yaml", f"SID_DATA_ROOT={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    gcloud_lines = [shlex.split(line)[1:] for line in r.stdout.splitlines() if line.startswith("gcloud ")]
+    assert gcloud_lines[:2] == [create_argv("z1"), create_argv("z2")]
+    assert all("--zone=z1" in line for line in gcloud_lines[2:]) and len(gcloud_lines) > 2
+    assert calls() == [] and sorted(p.name for p in state.iterdir()) == ["t1.dry-run"]
+    # A real command does not take the dry run's zone.
+    r = ops("tpu_ssh.sh", "--name", "t1", "--project", "p", "--", "true", env=env)
+    assert r.returncode == 1 and "no zone for TPU 't1'" in r.stderr and calls() == []
+    # A real create records the zone it got and drops the dry run's record.
+    assert ops("tpu_create.sh", "--name", "t1", "--zones", "z2", "--project", "p", env=env).returncode == 0
+    assert sorted(p.name for p in state.iterdir()) == ["t1"] and "zone=z2" in (state / "t1").read_text()
 
 
 def test_make_compare_dry_run_creates_nothing(project, tmp_path):

@@ -56,6 +56,7 @@ def fake_wandb(monkeypatch):
         return run
 
     module.init = init
+    module.Settings = lambda **kw: kw
     monkeypatch.setitem(sys.modules, "wandb", module)
     return calls
 

@@ -1,4 +1,4 @@
-"""`python -m sid.train` end to end: exact resume after a process kill, SIGTERM saves and exits 0."""
+"""`python -m sid.train` end to end: exact resume after a process kill, SIGTERM saves and exits 75 (preempted)."""
 
 import json
 import os
@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sid.train import PREEMPTED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/train/cpu/smoke.yaml")
@@ -101,7 +103,7 @@ def test_resume_after_kill_is_bit_exact(tmp_path):
     assert {p: p.read_bytes() for p in killed.rglob("*") if p.is_file()} == before
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_preempted_code(tmp_path):
     run = tmp_path / "run"
     proc = start_and_wait(
         train_cmd(run, "--train.max-steps", "100000"),
@@ -109,8 +111,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     )
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 75, err  # a scheduler tells it from a finished run
     summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["exit_code"] == 75
     step = summary["train"]["preempted_at"]
     assert step >= 1 and (run / "checkpoints" / str(step)).is_dir()
     assert "SIGTERM received" in err

@@ -29,6 +29,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from sid.atomic import atomic_path
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, Qwen2Layer, resize_vocab
 
@@ -187,23 +188,8 @@ def export_qwen2(
     halves it) and config.json; given a `tokenizers.Tokenizer` (Qwen's byte-level BPE, plus added tokens such
     as SIDs), also tokenizer.json and a minimal tokenizer_config.json (`eos_token`, if given, becomes the
     EOS/pad token there and in config.json).
-    All embedding rows are written (see the module docstring). Arrays must be addressable from this process."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
-    host = jax.device_get(model)
-
-    def as_np(x: Any) -> np.ndarray:
-        return np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(np_dtype))
-
-    tensors = {name: as_np(get(host)) for name, get in _top_tensors(cfg.tie_word_embeddings)}
-    for suffix, get in _LAYER_TENSORS:
-        stacked = get(host.layers)
-        for i in range(cfg.num_layers):
-            tensors[f"model.layers.{i}.{suffix}"] = as_np(stacked[i])
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-
+    All embedding rows are written (see the module docstring). Arrays must be addressable from this process.
+    The directory appears whole or not at all: it is written beside `out_dir`, then renamed over it."""
     if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > model.valid_vocab:
         raise ValueError(
             f"the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model only "
@@ -214,7 +200,36 @@ def export_qwen2(
         eos_id = None if tokenizer is None else tokenizer.token_to_id(eos_token)
         if eos_id is None:
             raise ValueError(f"eos_token {eos_token!r} needs a tokenizer that contains it")
-    hf_config = {
+    out = Path(out_dir)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file(_export_tensors(model, dtype), tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(_hf_config(model, dtype, eos_id), indent=2) + "\n")
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp, model.config.max_position_embeddings, eos_token)
+    return out
+
+
+def _export_tensors(model: Qwen2, dtype: str) -> dict[str, np.ndarray]:
+    """HF tensor name -> host array in `dtype`, every layer unstacked."""
+    np_dtype = np.float32 if dtype == "float32" else jnp.bfloat16
+    host = jax.device_get(model)
+
+    def as_np(x: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(np_dtype))
+
+    tensors = {name: as_np(get(host)) for name, get in _top_tensors(model.config.tie_word_embeddings)}
+    for suffix, get in _LAYER_TENSORS:
+        stacked = get(host.layers)
+        for i in range(model.config.num_layers):
+            tensors[f"model.layers.{i}.{suffix}"] = as_np(stacked[i])
+    return tensors
+
+
+def _hf_config(model: Qwen2, dtype: str, eos_id: int | None) -> dict[str, Any]:
+    """config.json of the export (Qwen2ForCausalLM)."""
+    cfg = model.config
+    return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
         "vocab_size": cfg.vocab_size,
@@ -239,17 +254,17 @@ def export_qwen2(
         "eos_token_id": eos_id,
         "bos_token_id": None,
     }
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(str(out / "tokenizer.json"))
-        # Qwen2Tokenizer: transformers v4 reads tokenizer.json as is; v5 (which forces this class for qwen2
-        # models) rebuilds Qwen's byte-level BPE pipeline around the vocab, merges and added tokens in it.
-        tok_config = {
-            "tokenizer_class": "Qwen2Tokenizer",
-            "model_max_length": cfg.max_position_embeddings,
-            "clean_up_tokenization_spaces": False,
-        }
-        if eos_token is not None:
-            tok_config |= {"eos_token": eos_token, "pad_token": eos_token}
-        (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-    return out
+
+
+def _save_tokenizer(tokenizer: Any, out: Path, max_length: int, eos_token: str | None) -> None:
+    tokenizer.save(str(out / "tokenizer.json"))
+    # Qwen2Tokenizer: transformers v4 reads tokenizer.json as is; v5 (which forces this class for qwen2
+    # models) rebuilds Qwen's byte-level BPE pipeline around the vocab, merges and added tokens in it.
+    tok_config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    if eos_token is not None:
+        tok_config |= {"eos_token": eos_token, "pad_token": eos_token}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")

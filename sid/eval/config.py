@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sid.config import ConfigError
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -25,6 +27,16 @@ class EvalConfig:
     prompt_buckets: tuple[int, ...] = (128, 256, 512)
     """Prompt lengths padded to (left padding); each compiles once."""
     checkpoint: str = ""
-    """sid.eval: run directory (or checkpoint step directory) to evaluate; empty: the config's own model."""
+    """sid.eval: run directory to evaluate (its exported model; if that is missing or damaged, its newest intact
+    checkpoint), an HF directory, or one checkpoint step directory; empty: the config's own model."""
     predictions_file: str = "predictions.json"
     """Predictions in MiniOneRec calc.py schema, inside the run directory."""
+
+    def __post_init__(self):
+        for name in ("num_beams", "per_device_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_samples < 0:
+            raise ConfigError(f"eval.max_samples must be >= 0 (0: all samples), got {self.max_samples}")
+        if not self.topk or min(self.topk) < 1:
+            raise ConfigError(f"eval.topk must be K values >= 1, got {self.topk}")

@@ -12,15 +12,32 @@ import json
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
+from sid.atomic import write_text
+
 
 def write_predictions(path: str | Path, targets: Sequence[str], predictions: Sequence[Sequence[str]]) -> None:
-    """Write ``[{"output": target, "predict": [...]}]`` to ``path`` (UTF-8, parent directories created)."""
+    """Write ``[{"output": target, "predict": [...]}]`` to ``path`` (UTF-8, parent directories created), atomically:
+    a kill or a full disk mid-write leaves the previous file."""
     if len(targets) != len(predictions):
         raise ValueError(f"{len(predictions)} prediction lists for {len(targets)} targets")
     records = [{"output": t, "predict": list(p)} for t, p in zip(targets, predictions, strict=True)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_explained(
+    path: str | Path,
+    targets: Sequence[str],
+    predictions: Sequence[Sequence[str]],
+    items_by_sid: Mapping[str, Sequence[Hashable]],
+    titles: Mapping[Hashable, str],
+    top: int,
+) -> None:
+    """One JSON line per sample, ``{"target", "top": explain(its first `top` predictions)}``, written atomically."""
+    lines = [
+        json.dumps({"target": t, "top": explain(p[:top], items_by_sid, titles)}) + "\n"
+        for t, p in zip(targets, predictions, strict=True)
+    ]
+    write_text(path, "".join(lines))
 
 
 def read_predictions(path: str | Path) -> tuple[list[str], list[list[str]]]:

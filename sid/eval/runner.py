@@ -6,7 +6,6 @@ titles, prints the metrics table and returns the `eval` section of run_summary.j
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -21,7 +20,7 @@ from sid.data.tokenizer import SIDTokenizer
 from sid.eval.beam import sharded_beam_search
 from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
-from sid.eval.predictions import explain, write_predictions
+from sid.eval.predictions import write_explained, write_predictions
 from sid.eval.trie import build_trie
 from sid.mesh import batch_sharding, data_parallel_size, global_array, param_shardings, to_host
 from sid.models.qwen2 import Qwen2
@@ -131,7 +130,9 @@ def evaluate(
     wall = time.perf_counter() - t0
     metrics = ranking_metrics(predictions, targets, eval_cfg.topk, set(catalog.sids.values()))
     if run.main:
-        _write_results(run, eval_cfg, targets, predictions, catalog)
+        write_predictions(run.path / eval_cfg.predictions_file, targets, predictions)
+        explained = run.path / "predictions_items.jsonl"
+        write_explained(explained, targets, predictions, catalog.items_by_sid, catalog.titles, EXPLAINED_TOP)
     log.info(
         "eval on %s (%d samples, %d beams):\n%s", eval_cfg.split, metrics.n_samples, eval_cfg.num_beams, metrics.table()
     )
@@ -147,13 +148,3 @@ def evaluate(
     }
     tracker.log({**metrics.flat(), "eval/samples_per_s": samples_per_s or 0.0}, step=0)
     return result
-
-
-def _write_results(run: RunDir, eval_cfg: EvalConfig, targets, predictions, catalog) -> None:
-    """predictions.json (calc.py's schema) and predictions_items.jsonl (the top predictions as items and titles)."""
-    write_predictions(run.path / eval_cfg.predictions_file, targets, predictions)
-    items_by_sid = catalog.items_by_sid
-    with open(run.path / "predictions_items.jsonl", "w") as f:
-        for target, pred in zip(targets, predictions, strict=True):
-            ranked = explain(pred[:EXPLAINED_TOP], items_by_sid, catalog.titles)
-            f.write(json.dumps({"target": target, "top": ranked}) + "\n")
