@@ -166,13 +166,14 @@ class _Session:
     def _resume(self, run: RunDir) -> None:
         """Continue from the newest intact checkpoint (damaged newer ones are warned about and moved aside)."""
         restored = self.ckpt.restore_latest_intact(abstract_like(self.state)) if self.cfg.resume else None
+        if restored is not None:
+            self.start, self.state, saved = restored
+        run.truncate_metrics(self.start)  # the steps after it that an interrupted run logged are logged again
         if restored is None:
             if self.cfg.resume:
                 log.info("resume requested but %s holds no checkpoint: starting fresh", self.ckpt.directory)
             return
-        self.start, self.state, saved = restored
         self.last_saved = self.start
-        run.truncate_metrics(self.start)  # the steps after it that the interrupted run logged are logged again
         # Checkpoints before best-checkpoint selection saved the iterator's state alone.
         self.batches.set_state(saved.get("iterator", saved))
         if saved.get("selection"):
