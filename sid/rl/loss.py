@@ -1,0 +1,128 @@
+"""The GRPO loss family on completion tokens, and the per-token log-probs it needs from a Qwen2 policy.
+
+Per completion token, with A the group advantage of its completion and the k3 estimator of KL(policy || ref):
+
+    ratio = exp(logp - old),  KL = exp(ref - logp) - (ref - logp) - 1,  loss_t = -(ratio * A - beta * KL)
+
+Upstream (MiniOneRec ``minionerec_trainer.py``) makes one update per rollout, so ``old = stop_gradient(logp)``:
+the ratio is 1 in value and only its gradient, ``A * d(logp)``, matters (``old_logp=None`` here). With stored
+``old_logp`` and ``clip_eps`` the surrogate is PPO's ``min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``; upstream
+never clips, and with ``old_logp=None`` clipping changes neither the value nor the gradient (ratio 1 is inside).
+
+Reductions (``kind``), as upstream's three branches:
+
+- ``grpo``: mean over each completion's tokens, then over completions (upstream's default);
+- ``token_mean``: mean over all completion tokens of the batch (upstream's ``dapo``);
+- ``sequence``: one ratio per completion, the geometric mean of its token ratios, ``exp(mean_t(logp - old))``,
+  and the completion's mean token KL: ``-(ratio * A - beta * KL)`` averaged over completions (upstream's ``gspo``;
+  upstream does not clip it; ``clip_eps`` clips this sequence ratio, as the GSPO paper does).
+
+`grpo_loss` returns the loss as (sum, count, additive stats), the contract of `sid.step.LossFn`: the loss is
+sum / count, and summing both over micro-batches keeps each reduction exact under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from sid.models.qwen2 import Qwen2
+
+LOSS_KINDS = ("grpo", "token_mean", "sequence")
+
+
+def k3_kl(logp: Float[Array, "*s"], ref_logp: Float[Array, "*s"]) -> Float[Array, "*s"]:
+    """The k3 estimator of KL(policy || ref) per sampled token: >= 0, and 0 where the two log-probs agree."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def _surrogate(ratio: Array, adv: Array, clip_eps: float | None) -> tuple[Array, Array]:
+    """(PPO's clipped surrogate, or ratio * A without clipping; where the clipped term was the smaller one)."""
+    unclipped = ratio * adv
+    if clip_eps is None:
+        return unclipped, jnp.zeros(unclipped.shape, bool)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv
+    return jnp.minimum(unclipped, clipped), clipped < unclipped
+
+
+def grpo_loss(
+    logp: Float[Array, "batch tokens"],
+    ref_logp: Float[Array, "batch tokens"],
+    old_logp: Float[Array, "batch tokens"] | None,
+    mask: Bool[Array, "batch tokens"],
+    advantages: Float[Array, " batch"],
+    *,
+    beta: float,
+    kind: str = "grpo",
+    clip_eps: float | None = None,
+) -> tuple[Float[Array, ""], Int[Array, ""], dict[str, Array]]:
+    """The policy-gradient loss of a batch of completions (one row each) as (loss sum, count, stats).
+
+    ``logp`` are the policy's log-probs of the completion tokens (differentiated), ``ref_logp`` the reference
+    model's, ``old_logp`` the rollout policy's (None: one update per rollout, as upstream), ``mask`` True on the
+    completion tokens. Stats are sums over the batch: ``kl_sum`` (each completion's mean token KL, summed),
+    ``completions``, ``tokens``, ``ratio_sum`` / ``ratio_units`` (importance ratios over tokens, or over completions
+    for ``sequence``) and ``clipped`` (units whose clipped term was taken).
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
+    logp, ref_logp = logp.astype(jnp.float32), ref_logp.astype(jnp.float32)
+    old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp.astype(jnp.float32)
+    mask = mask.astype(bool)
+    m = mask.astype(jnp.float32)
+    length = jnp.maximum(m.sum(axis=1), 1.0)  # a row without completion tokens contributes 0, not 0/0
+
+    def completion_mean(x: Array) -> Array:
+        return (x * m).sum(axis=1) / length
+
+    kl = k3_kl(logp, ref_logp)
+    adv = advantages.astype(jnp.float32)
+    num_rows = jnp.asarray(logp.shape[0], jnp.int32)
+    tokens = mask.sum(dtype=jnp.int32)
+    if kind == "sequence":
+        ratio = jnp.exp(completion_mean(logp - old))
+        surrogate, took_clip = _surrogate(ratio, adv, clip_eps)
+        loss_sum, count = -(surrogate - beta * completion_mean(kl)).sum(), num_rows
+        ratio_sum, ratio_units, clipped = ratio.sum(), num_rows, took_clip.sum(dtype=jnp.int32)
+    else:
+        ratio = jnp.exp(logp - old)
+        surrogate, took_clip = _surrogate(ratio, adv[:, None], clip_eps)
+        per_token = -(surrogate - beta * kl)
+        if kind == "grpo":
+            loss_sum, count = completion_mean(per_token).sum(), num_rows
+        else:
+            loss_sum, count = (per_token * m).sum(), tokens
+        ratio_sum, ratio_units, clipped = (ratio * m).sum(), tokens, (took_clip & mask).sum(dtype=jnp.int32)
+    stats = {
+        "kl_sum": completion_mean(kl).sum(),
+        "completions": num_rows,
+        "tokens": tokens,
+        "ratio_sum": ratio_sum,
+        "ratio_units": ratio_units,
+        "clipped": clipped,
+    }
+    return loss_sum, count, stats
+
+
+def completion_logprobs(
+    model: Qwen2,
+    prompt_ids: Int[Array, "batch prompt"],
+    prompt_mask: Bool[Array, "batch prompt"],
+    completion_ids: Int[Array, "batch tokens"],
+) -> Float[Array, "batch tokens"]:
+    """float32 log-probs (log-softmax over the valid vocab, temperature 1) of each completion token given the
+    left-padded prompt (``prompt_mask`` False on pads) and the completion tokens before it.
+
+    One causal forward over ``[prompt | completion]`` rows, positions skipping the pads; only the hidden states
+    that predict completion tokens reach the head. Every completion token is attended (with trie rollouts every
+    completion has the same length: SID tokens then the end tokens); mask tokens out in the loss instead.
+    """
+    prompt_len, num_tokens = prompt_ids.shape[1], completion_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
+    segments = jnp.concatenate([prompt_mask, jnp.ones(completion_ids.shape, bool)], axis=1).astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1, dtype=jnp.int32) - 1, 0)
+    hidden = model(ids, positions, segments)[:, prompt_len - 1 : prompt_len + num_tokens - 1]
+    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    return jnp.take_along_axis(logp, completion_ids[..., None], axis=-1)[..., 0]
