@@ -92,6 +92,30 @@ def test_loss_and_gradient_match_float64_reference(kind, with_old, eps):
         assert 0 < clipped < units.sum()  # the case exercises both sides of the clip
 
 
+@pytest.mark.parametrize("kind", ["grpo", "token_mean", "sequence"])
+def test_filler_rows_are_left_out(kind):
+    """Rows without completion tokens (batch filler) change nothing, even holding -inf log-probs and NaN advantages;
+    masked tokens of real rows may hold -inf too."""
+    logp, ref, old, mask, adv = _groups()
+    logp[~mask], ref[~mask] = -np.inf, -np.inf
+    filled = [np.concatenate([x, np.full((2, 4), -np.inf)]) for x in (logp, ref, old)]
+    filled_mask = np.concatenate([mask, np.zeros((2, 4), bool)])
+    filled_adv = np.concatenate([adv, [np.nan, 5.0]])
+
+    def run(lp, rf, od, mk, ad):
+        return jax.value_and_grad(_jax_loss, has_aux=True)(
+            jnp.asarray(lp, jnp.float32), rf, jnp.asarray(od), mk, ad, kind, 0.2
+        )
+
+    (loss, stats), grad = run(logp, ref, old, mask, adv)
+    (filled_loss, filled_stats), filled_grad = run(*filled, filled_mask, filled_adv)
+    assert np.isfinite(float(loss)) and float(filled_loss) == pytest.approx(float(loss), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(filled_grad[:6]), np.asarray(grad), rtol=1e-6, atol=1e-9)
+    assert np.all(np.asarray(filled_grad)[~filled_mask] == 0)
+    for name, value in stats.items():
+        assert float(filled_stats[name]) == pytest.approx(float(value), rel=1e-6), name
+
+
 def test_hand_computed_reductions_and_zero_kl():
     """ref == policy: KL 0, ratio 1, so the loss is minus the advantages averaged per each reduction's weights."""
     logp = jnp.asarray([[-1.0, -2.0, -0.5], [-0.3, -9.0, -9.0]])

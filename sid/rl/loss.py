@@ -62,42 +62,48 @@ def grpo_loss(
 
     ``logp`` are the policy's log-probs of the completion tokens (differentiated), ``ref_logp`` the reference
     model's, ``old_logp`` the rollout policy's (None: one update per rollout, as upstream), ``mask`` True on the
-    completion tokens. Stats are sums over the batch: ``kl_sum`` (each completion's mean token KL, summed),
-    ``completions``, ``tokens``, ``ratio_sum`` / ``ratio_units`` (importance ratios over tokens, or over completions
-    for ``sequence``) and ``clipped`` (units whose clipped term was taken).
+    completion tokens. Rows without any completion token (filler to complete a sharded batch) are left out of the
+    loss, its gradient, the count and the stats, whatever their log-probs and advantages. Stats are sums over the
+    batch: ``kl_sum`` (each completion's mean token KL, summed), ``completions``, ``tokens``, ``ratio_sum`` /
+    ``ratio_units`` (importance ratios over tokens, or over completions for ``sequence``) and ``clipped`` (units
+    whose clipped term was taken).
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
-    logp, ref_logp = logp.astype(jnp.float32), ref_logp.astype(jnp.float32)
-    old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp.astype(jnp.float32)
     mask = mask.astype(bool)
+    rows = mask.any(axis=1)
+
+    def masked(x: Array) -> Array:  # masked positions may hold -inf or garbage: keep them out of exp()
+        return jnp.where(mask, x.astype(jnp.float32), 0.0)
+
+    logp, ref_logp = masked(logp), masked(ref_logp)
+    old = jax.lax.stop_gradient(logp) if old_logp is None else masked(old_logp)
     m = mask.astype(jnp.float32)
-    length = jnp.maximum(m.sum(axis=1), 1.0)  # a row without completion tokens contributes 0, not 0/0
+    length = jnp.maximum(m.sum(axis=1), 1.0)
 
     def completion_mean(x: Array) -> Array:
         return (x * m).sum(axis=1) / length
 
     kl = k3_kl(logp, ref_logp)
-    adv = advantages.astype(jnp.float32)
-    num_rows = jnp.asarray(logp.shape[0], jnp.int32)
-    tokens = mask.sum(dtype=jnp.int32)
+    adv = jnp.where(rows, advantages.astype(jnp.float32), 0.0)
+    completions, tokens = rows.sum(dtype=jnp.int32), mask.sum(dtype=jnp.int32)
     if kind == "sequence":
         ratio = jnp.exp(completion_mean(logp - old))
         surrogate, took_clip = _surrogate(ratio, adv, clip_eps)
-        loss_sum, count = -(surrogate - beta * completion_mean(kl)).sum(), num_rows
-        ratio_sum, ratio_units, clipped = ratio.sum(), num_rows, took_clip.sum(dtype=jnp.int32)
+        loss_sum, count = -(surrogate - beta * completion_mean(kl)).sum(), completions
+        ratio_sum, ratio_units, clipped = (ratio * rows).sum(), completions, (took_clip & rows).sum(dtype=jnp.int32)
     else:
         ratio = jnp.exp(logp - old)
         surrogate, took_clip = _surrogate(ratio, adv[:, None], clip_eps)
         per_token = -(surrogate - beta * kl)
         if kind == "grpo":
-            loss_sum, count = completion_mean(per_token).sum(), num_rows
+            loss_sum, count = completion_mean(per_token).sum(), completions
         else:
             loss_sum, count = (per_token * m).sum(), tokens
         ratio_sum, ratio_units, clipped = (ratio * m).sum(), tokens, (took_clip & mask).sum(dtype=jnp.int32)
     stats = {
         "kl_sum": completion_mean(kl).sum(),
-        "completions": num_rows,
+        "completions": completions,
         "tokens": tokens,
         "ratio_sum": ratio_sum,
         "ratio_units": ratio_units,
