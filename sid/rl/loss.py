@@ -114,21 +114,46 @@ def grpo_loss(
 
 def completion_logprobs(
     model: Qwen2,
-    prompt_ids: Int[Array, "batch prompt"],
-    prompt_mask: Bool[Array, "batch prompt"],
-    completion_ids: Int[Array, "batch tokens"],
+    input_ids: Int[Array, "batch length"],
+    segment_ids: Int[Array, "batch length"],
+    num_tokens: int,
 ) -> Float[Array, "batch tokens"]:
-    """float32 log-probs (log-softmax over the valid vocab, temperature 1) of each completion token given the
-    left-padded prompt (``prompt_mask`` False on pads) and the completion tokens before it.
+    """float32 log-probs (log-softmax over the valid vocab, temperature 1, as upstream's loss) of the last
+    ``num_tokens`` tokens of each row (the completion) given everything before them.
 
-    One causal forward over ``[prompt | completion]`` rows, positions skipping the pads; only the hidden states
-    that predict completion tokens reach the head. Every completion token is attended (with trie rollouts every
-    completion has the same length: SID tokens then the end tokens); mask tokens out in the loss instead.
+    Rows are ``[left-padded prompt | completion]`` with ``segment_ids`` 0 on the pads and 1 elsewhere (as
+    `sid.rl.rollout.group_rows` builds them); positions skip the pads. One causal forward; only the hidden states
+    that predict completion tokens reach the head.
     """
-    prompt_len, num_tokens = prompt_ids.shape[1], completion_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, completion_ids], axis=1)
-    segments = jnp.concatenate([prompt_mask, jnp.ones(completion_ids.shape, bool)], axis=1).astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(segments, axis=1, dtype=jnp.int32) - 1, 0)
-    hidden = model(ids, positions, segments)[:, prompt_len - 1 : prompt_len + num_tokens - 1]
+    length = input_ids.shape[1]
+    positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1, dtype=jnp.int32) - 1, 0)
+    hidden = model(input_ids, positions, segment_ids)[:, length - num_tokens - 1 : length - 1]
     logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-    return jnp.take_along_axis(logp, completion_ids[..., None], axis=-1)[..., 0]
+    return jnp.take_along_axis(logp, input_ids[:, length - num_tokens :, None], axis=-1)[..., 0]
+
+
+def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = None):
+    """`grpo_loss` of the policy as a `sid.step.LossFn` ``(model, batch, key) -> (loss sum, count, stats)``.
+
+    The batch holds `sid.rl.rollout.group_rows`' ``input_ids``, ``segment_ids`` and ``completion_mask``, plus
+    ``advantages`` [rows] and the reference model's ``ref_logp`` [rows, T] (computed once per rollout with
+    `completion_logprobs`), and optionally the rollout policy's ``old_logp`` [rows, T]."""
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
+
+    def loss_fn(model: Qwen2, batch: dict[str, Array], key: Array):
+        del key  # nothing random in the loss (no dropout)
+        ref_logp = batch["ref_logp"]
+        logp = completion_logprobs(model, batch["input_ids"], batch["segment_ids"], ref_logp.shape[1])
+        return grpo_loss(
+            logp,
+            ref_logp,
+            batch.get("old_logp"),
+            batch["completion_mask"],
+            batch["advantages"],
+            beta=beta,
+            kind=kind,
+            clip_eps=clip_eps,
+        )
+
+    return loss_fn
