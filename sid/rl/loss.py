@@ -128,8 +128,12 @@ def completion_logprobs(
     length = input_ids.shape[1]
     positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1, dtype=jnp.int32) - 1, 0)
     hidden = model(input_ids, positions, segment_ids)[:, length - num_tokens - 1 : length - 1]
-    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-    return jnp.take_along_axis(logp, input_ids[:, length - num_tokens :, None], axis=-1)[..., 0]
+    logits = model.logits(hidden)
+    # The token's logit by a masked sum, not a gather: under a mesh the logits are split over the vocab (as in
+    # sid.loss); and no [rows, tokens, vocab] log-softmax is materialised beside the logits.
+    is_token = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == input_ids[:, length - num_tokens :, None]
+    picked = jnp.where(is_token, logits, 0.0).sum(axis=-1)
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = None):
