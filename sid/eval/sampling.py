@@ -84,7 +84,7 @@ def constrained_sample(
     (score, node, cand, seq, _), _ = jax.lax.scan(
         step, (score, node, cand, seq, suffix), jnp.arange(steps - 1, dtype=jnp.int32)
     )
-    token, logp, node = draw(steps - 1, node, cand)
+    _, logp, node = draw(steps - 1, node, cand)
     return SampleOutput(tokens=seq[:, :, : trie.depth], scores=score + logp, leaves=node - trie.leaf_offset)
 
 
