@@ -1,0 +1,79 @@
+"""From rollouts to a GRPO batch, host-side: each group's rewards and advantages, and the ``[prompt | completion]``
+rows the loss reads (`sid.rl.loss.make_loss_fn`).
+
+A rollout is the trie leaves [prompts, G] that `sid.eval.beam.beam_search` (group = beams, best first) or
+`sid.eval.sampling.constrained_sample` (draw order) returns for a batch of left-padded prompts; group g of
+prompt p becomes row ``p * G + g``. Ranks are the position in the group, as upstream's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sid.eval.trie import SidTrie
+from sid.rl.advantages import group_advantages, zero_advantage_fraction
+from sid.rl.rewards import RewardFn
+
+
+def _checked_leaves(trie: SidTrie, leaves: np.ndarray) -> np.ndarray:
+    leaves = np.asarray(leaves)
+    if leaves.ndim != 2:
+        raise ValueError(f"leaves must be [prompts, group], got shape {leaves.shape}")
+    if leaves.size and (leaves.min() < 0 or leaves.max() >= trie.num_leaves):
+        raise ValueError(
+            f"rollout leaves must lie in [0, {trie.num_leaves}); -1 marks beams the catalog could not fill "
+            f"(group of {leaves.shape[1]} beams, catalog of {trie.num_leaves} SIDs)"
+        )
+    return leaves
+
+
+def group_rows(
+    trie: SidTrie, prompt_ids: np.ndarray, prompt_mask: np.ndarray, leaves: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The batch rows of a rollout: ``input_ids`` and ``segment_ids`` [P * G, prompt + T] (the prompt repeated G
+    times, left padding in segment 0, then the completion: SID tokens and the trie's end tokens, T in all) and
+    ``completion_mask`` [P * G, T] (all True: every trie completion has exactly T tokens)."""
+    leaves = _checked_leaves(trie, leaves)
+    prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask, bool)
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.shape[0] != leaves.shape[0]:
+        raise ValueError(
+            f"prompt_ids {prompt_ids.shape}, prompt_mask {prompt_mask.shape} and leaves {leaves.shape} must "
+            "share the number of prompts (and ids and mask their shape)"
+        )
+    group = leaves.shape[1]
+    end_ids = np.asarray(trie.tables.codes)[trie.depth :, 0]
+    sids = trie.paths[leaves.reshape(-1)]
+    completions = np.concatenate([sids, np.broadcast_to(end_ids, (sids.shape[0], end_ids.size))], axis=1)
+    prompts = np.repeat(prompt_ids, group, axis=0)
+    segments = np.repeat(prompt_mask, group, axis=0)
+    return {
+        "input_ids": np.concatenate([prompts, completions], axis=1).astype(np.int32),
+        "segment_ids": np.concatenate([segments, np.ones(completions.shape, bool)], axis=1).astype(np.int32),
+        "completion_mask": np.ones(completions.shape, bool),
+    }
+
+
+def score_groups(
+    trie: SidTrie, leaves: np.ndarray, targets: Sequence[str], reward: RewardFn
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """(rewards [P, G], float32 advantages [P, G], metrics) of a rollout against each prompt's target SID.
+
+    Metrics: ``reward_mean``; ``reward_std`` (the mean of the groups' sample stds, as upstream logs it);
+    ``zero_advantage_fraction`` (groups that teach nothing); ``group_hit_rate`` (groups holding the target).
+    """
+    leaves = _checked_leaves(trie, leaves)
+    completions = np.asarray(trie.sids)[leaves]
+    targets = np.asarray(targets)
+    ranks = np.broadcast_to(np.arange(leaves.shape[1]), leaves.shape)
+    rewards = np.asarray(reward(completions, ranks, targets), np.float64)
+    if rewards.shape != leaves.shape:
+        raise ValueError(f"reward returned shape {rewards.shape}, expected {leaves.shape} (one per completion)")
+    metrics = {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(axis=1, ddof=1).mean()),
+        "zero_advantage_fraction": zero_advantage_fraction(rewards),
+        "group_hit_rate": float((completions == targets[:, None]).any(axis=1).mean()),
+    }
+    return rewards, group_advantages(rewards).astype(np.float32), metrics

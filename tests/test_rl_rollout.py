@@ -1,0 +1,91 @@
+"""Rollout -> GRPO batch: the rows' layout, group rewards/advantages/metrics by hand, bad input, and one GRPO step
+through `sid.step`'s jitted train step on a 2-device mesh."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+import pytest
+from test_beam import EOS, NEWLINE, _catalog, _model, _prompts
+from test_rl_rewards import P0, P2
+
+from sid.mesh import MeshConfig, make_mesh
+from sid.rl.advantages import group_advantages
+from sid.rl.loss import completion_logprobs, make_loss_fn
+from sid.rl.rewards import get_reward
+from sid.rl.rollout import group_rows, score_groups
+from sid.step import init_state, make_train_step, to_global
+
+
+@pytest.fixture(scope="module")
+def trie():
+    return _catalog((4, 3, 3), 22, seed=1)
+
+
+def test_group_rows_layout(trie):
+    _, ids, mask = _prompts(2, seed=2)
+    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1]])
+    rows = group_rows(trie, ids, mask, leaves)
+    assert rows["input_ids"].shape == rows["segment_ids"].shape == (8, ids.shape[1] + 5)
+    assert rows["completion_mask"].shape == (8, 5) and rows["completion_mask"].all()
+    for p in range(2):
+        for g in range(4):
+            r = p * 4 + g
+            expected = np.concatenate([ids[p], trie.paths[leaves[p, g]], [NEWLINE, EOS]])
+            np.testing.assert_array_equal(rows["input_ids"][r], expected)
+            np.testing.assert_array_equal(rows["segment_ids"][r], np.concatenate([mask[p], np.ones(5)]))
+    assert rows["input_ids"].dtype == rows["segment_ids"].dtype == np.int32
+
+
+def test_score_groups_by_hand(trie):
+    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1]])
+    targets = [trie.sids[5], trie.sids[9]]  # prompt 0 holds its target twice (a sampled group); prompt 1 misses
+    rewards, adv, metrics = score_groups(trie, leaves, targets, get_reward("ranking"))
+    np.testing.assert_allclose(rewards, [[P0, 1.0, P2, 1.0], [0, 0, 0, 0]], rtol=0, atol=1e-9)
+    assert adv.dtype == np.float32
+    np.testing.assert_allclose(adv, group_advantages(rewards), rtol=1e-6)
+    assert metrics["reward_mean"] == pytest.approx((P0 + P2 + 2) / 8)
+    assert metrics["reward_std"] == pytest.approx(np.std([P0, 1, P2, 1], ddof=1) / 2)
+    assert metrics["zero_advantage_fraction"] == 0.5 and metrics["group_hit_rate"] == 0.5
+
+
+def test_bad_input(trie):
+    _, ids, mask = _prompts(2, seed=2)
+    with pytest.raises(ValueError, match="-1 marks beams the catalog could not fill"):
+        group_rows(trie, ids, mask, np.array([[0, 1, -1], [0, 1, 2]]))
+    with pytest.raises(ValueError, match="leaves must be \\[prompts, group\\]"):
+        score_groups(trie, np.array([0, 1]), [trie.sids[0]], get_reward("rule"))
+    with pytest.raises(ValueError, match="share the number of prompts"):
+        group_rows(trie, ids, mask, np.zeros((3, 2), int))
+    with pytest.raises(ValueError, match="reward returned shape \\(2,\\)"):
+        score_groups(trie, np.zeros((2, 2), int), ["a", "b"], lambda c, r, t: np.zeros(2))
+
+
+def test_one_grpo_step_through_the_train_step(trie):
+    """ref == policy, so the step's loss is -mean(A) and KL 0; after one SGD step the policy's log-probs move
+    towards the positive advantages (first order: sum_i A_i d(mean_t logp_i) > 0)."""
+    model = _model(seed=2)
+    _, ids, mask = _prompts(4, seed=6)
+    leaves = np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 4))
+    targets = [trie.sids[leaves[0, 0]], trie.sids[leaves[1, 3]], trie.sids[(leaves[2, 0] + 1) % 22], trie.sids[0]]
+    _, adv, _ = score_groups(trie, leaves, targets, get_reward("ranking"))
+    rows = group_rows(trie, ids, mask, leaves)
+    num_tokens = rows["completion_mask"].shape[1]
+    logprobs = eqx.filter_jit(lambda m, r: completion_logprobs(m, r["input_ids"], r["segment_ids"], num_tokens))
+    ref = np.asarray(logprobs(model, rows))
+    batch = {**rows, "advantages": adv.reshape(-1), "ref_logp": ref}
+
+    mesh = make_mesh(MeshConfig(dp=2), jax.devices()[:2])
+    opt = optax.sgd(1e-2)
+    state, static, sharding = init_state(model, opt, seed=0, mesh=mesh)
+    step = make_train_step(
+        static, make_loss_fn(beta=1e-3), opt, accum=2, mesh=mesh, state_sharding=sharding, lr_schedule=lambda s: 1e-2
+    )
+    state, metrics = step(state, to_global(batch, mesh))
+    assert int(metrics["completions"]) == 16 and int(metrics["tokens"]) == 16 * num_tokens
+    assert float(metrics["loss"]) == pytest.approx(-adv.mean(), abs=1e-6)
+    assert float(metrics["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["ratio_sum"]) == pytest.approx(float(metrics["ratio_units"]), rel=1e-6)
+    after = np.asarray(logprobs(eqx.combine(state.params, static), rows))
+    gain = adv.reshape(-1) * (after - ref).mean(axis=1)
+    assert np.abs(after - ref).max() > 1e-4 and gain.sum() > 0
