@@ -128,15 +128,21 @@ class Checkpointer:
         return None
 
     def _move_aside(self, steps: list[int]) -> None:
+        """Move damaged `steps` out of the way (process 0 moves, every process then sees it)."""
         if not steps:
             return
         aside = self.directory.with_name(self.directory.name + DAMAGED_SUFFIX)
-        aside.mkdir(exist_ok=True)
-        for step in steps:
-            target = aside / str(step)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.move(self.directory / str(step), target)
-        log.warning("moved damaged checkpoint step(s) %s to %s", ", ".join(map(str, steps)), aside)
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.move(self.directory / str(step), target)
+            log.warning("moved damaged checkpoint step(s) %s to %s", ", ".join(map(str, steps)), aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sid: damaged checkpoints moved aside")
         self.manager.reload()
 
     def close(self) -> None:
