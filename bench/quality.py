@@ -252,6 +252,11 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def best_cell(best: dict[str, Any] | None) -> str:
+    """The chosen checkpoint as 'step S: METRIC VALUE' ('-' without selection)."""
+    return f"step {best['step']}: {best['metric']} {best['value']:.4f}" if best else "-"
+
+
 def report(result: dict[str, Any], mode: Mode) -> str:
     """The printed tables: every run, then each variant's mean ± std beside the published figures and the target."""
 
@@ -262,7 +267,7 @@ def report(result: dict[str, Any], mode: Mode) -> str:
         {
             "run": f"{r['variant']}-s{r['seed']}",
             **{m: fmt(r.get(m)) for m in METRICS},
-            "best step": (r.get("best") or {}).get("step", "-"),
+            "best (valid)": best_cell(r.get("best")),
             "wall s": f"{r['wall_s']:.0f}",
             "status": r.get("error", "ok"),
         }

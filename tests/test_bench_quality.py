@@ -53,7 +53,7 @@ def fake_summary(run_dir: Path, hr10: float, ndcg10: float) -> None:
     run_dir.mkdir(parents=True)
     summary = {
         "eval": {"hr": {"5": hr10 / 2, "10": hr10}, "ndcg": {"5": ndcg10 / 2, "10": ndcg10}, "n_samples": 7},
-        "train": {"final_step": 40, "wall_s": 1.0, "best": {"step": 20, "metric": "ndcg@10", "value": 0.5}},
+        "train": {"final_step": 40, "wall_s": 1.0, "best": {"step": 20, "metric": "valid/ndcg@10", "value": 0.5}},
     }
     (run_dir / "run_summary.json").write_text(json.dumps(summary))
 
@@ -81,6 +81,7 @@ def test_read_run_and_aggregate_against_numpy(tmp_path):
     table = quality.report({"runs": records, "summary": [base, wide]}, quality.MODES["gpu"])
     assert "| base (seeds 0,1,2) | 0.0588 ± 0.0038 | 0.1177 ± 0.0075 |" in table
     assert "TIGER (published)" in table and "arXiv 2405.07314" in table
+    assert "| step 20: valid/ndcg@10 0.5000 |" in table
 
 
 def test_tiny_mode_reports_what_its_run_measured(tmp_path, shared_data):
@@ -93,7 +94,7 @@ def test_tiny_mode_reports_what_its_run_measured(tmp_path, shared_data):
     summary = json.loads((tmp_path / "sweep" / "base-s0" / "run_summary.json").read_text())
     assert record["recall@10"] == summary["eval"]["hr"]["10"] and record["ndcg@5"] == summary["eval"]["ndcg"]["5"]
     assert record["test_users"] == 16  # the tiny mode's eval.max_samples
-    assert record["best"] == summary["train"]["best"] and record["best"]["metric"] == "ndcg@10"
+    assert record["best"] == summary["train"]["best"] and record["best"]["metric"] == "valid/ndcg@10"
     assert "| base (seeds 0) |" in proc.stdout
     again = subprocess.run(
         [sys.executable, "bench/quality.py", "--report", str(tmp_path / "results.json")],
