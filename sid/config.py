@@ -19,11 +19,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sid.errors import ConfigError, UserError
+
+__all__ = ["ConfigError", "cli", "dump_yaml", "from_dict", "load_yaml", "run_cli", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A preset or override that does not fit its dataclass; the message names the file and the key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -173,15 +173,9 @@ def cli(cls: type[T], *, args: list[str] | None = None, description: str | None 
 def run_cli(cls: type[T], run: Callable[[T], object], argv: list[str] | None = None) -> int:
     """An entry point's body: parse the job, run it. Errors of the user's input (a bad config, a bad data row, a
     missing file) and a non-finite loss end the process with one clear line instead of a traceback."""
-    from sid.data.errors import DataError
-    from sid.trainer import NonFiniteLoss
-
     try:
         run(cli(cls, args=argv))
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 2)
     return 0

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from sid.mesh import batch_split, replicas_max
+from sid.parallel.trace import batch_split, replicas_max
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 30

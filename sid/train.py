@@ -15,19 +15,22 @@ from pathlib import Path
 import equinox as eqx
 import jax
 
-from sid.compat.hf import export_qwen2
+from sid.compat.hf import export_qwen2, load_qwen2
 from sid.config import run_cli
-from sid.data.config import TokenizerConfig
+from sid.data.dataset import dataset_dir, load_split, load_tokenizer
 from sid.data.pipeline import BatchPlan
-from sid.data.tasks import build_sft_samples, encode_all, load_split, synthetic_dir
-from sid.data.tokenizer import SIDTokenizer, build_tokenizer
+from sid.data.tasks import build_sft_samples, encode_all
+from sid.data.tokenizer import SIDTokenizer
 from sid.jobs import TrainJob
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning, traced_on
-from sid.models.build import build_model, num_params, token_extension, train_flops
+from sid.models.build import build_model, token_extension
+from sid.models.flops import num_params, train_flops
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
-from sid.paths import resolve
+from sid.parallel.distributed import init_distributed
+from sid.parallel.host import to_host
+from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
+from sid.parallel.trace import traced_on
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer, to_global
@@ -76,23 +79,6 @@ def make_eval_loss(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path):
     return estimate
 
 
-def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
-    """The tokenizer files: `tokenizer.path`, or the dataset's own directory when it is empty."""
-    return data_dir if not cfg.path else resolve(cfg.path, data_root)
-
-
-def dataset_dir(job, run_dir: Path | None) -> Path:
-    """Where the split files are (synthetic data is written under the run directory)."""
-    if job.data.source == "synthetic":
-        return synthetic_dir(job.data, run_dir)
-    return resolve(job.data.dir, job.data.data_root)
-
-
-def load_tokenizer(cfg: TokenizerConfig, catalog, data_dir: Path, data_root: str) -> SIDTokenizer:
-    path = tokenizer_dir(cfg, data_dir, data_root)
-    return build_tokenizer(dataclasses.replace(cfg, path=str(path.absolute())), catalog.sid_tokens())
-
-
 def run_train(job: TrainJob) -> dict:
     """Train (and evaluate); returns run_summary.json's content."""
     init_distributed(job.mesh)
@@ -103,8 +89,9 @@ def run_train(job: TrainJob) -> dict:
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
 
     rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
-    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
-    model, vocab_resize = build_model(job.model, tok)
+    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
+    pretrained = load_qwen2(job.model.hf_path, job.model)[0] if job.model.hf_path else None
+    model, vocab_resize = build_model(job.model, tok, pretrained)
     log.info(
         "model: %.1fM params, vocab %d rows (%d real); tokenizer %d base + %d SID tokens",
         num_params(model) / 1e6,

@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import equinox as eqx
 import jax
@@ -22,23 +22,16 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError
-from sid.mesh import (
-    BATCH_AXES,
-    REPLICAS,
-    batch_sharding,
-    constrain_batch,
-    device_bytes,
-    format_bytes,
-    param_shardings,
-    per_replica,
-    sharding_table,
-    state_shardings,
-    traced_on,
-    without_axis,
-)
+from sid.errors import NonFiniteLoss
+from sid.models.flops import TrainFlops
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
+from sid.parallel.mesh import BATCH_AXES, batch_sharding
+from sid.parallel.opt_state import state_shardings
+from sid.parallel.report import device_bytes, format_bytes, sharding_table
+from sid.parallel.rules import param_shardings, without_axis
+from sid.parallel.trace import REPLICAS, constrain_batch, per_replica, traced_on
 from sid.run import RunDir, require_shared_directory
 from sid.tracking import Tracker
 from sid.trainer_config import TrainConfig
@@ -64,22 +57,6 @@ class TrainState(eqx.Module):
     opt_state: Any
     step: Array
     key: Array
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/Inf; training stopped and the last good checkpoint was kept."""
-
-
-class TrainFlops(NamedTuple):
-    """Model FLOPs of training, as MFU counts them: `per_token` for every real token (the layers' matmuls and
-    attention), and `per_target` more for each supervised token (the head's matmul, which the loss computes only for
-    those: sid.loss). With every token supervised that is the usual 6N + attention per token."""
-
-    per_token: float
-    per_target: float
-
-    def __call__(self, tokens: float, targets: float) -> float:
-        return self.per_token * tokens + self.per_target * targets
 
 
 _PEAK_FLOPS = {  # dense bf16 per device

@@ -17,20 +17,15 @@ from jax.sharding import PartitionSpec as P
 
 import sid.loss
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
-from sid.mesh import (
-    MeshConfig,
-    device_bytes,
-    make_mesh,
-    param_shardings,
-    sharding_table,
-    tp_head_warning,
-    without_axis,
-)
+from sid.mesh import MeshConfig
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
 from sid.optim.config import OptimizerConfig
+from sid.parallel.mesh import make_mesh, tp_head_warning
+from sid.parallel.report import device_bytes, sharding_table
+from sid.parallel.rules import param_shardings, without_axis
 from sid.train import sft_loss
 from sid.trainer import init_state, make_train_step, to_global
 
@@ -220,8 +215,8 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
     np.testing.assert_allclose(sharded[0]["grad_norm"], single[0]["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # Activations keep their batch split end to end (sid.mesh.constrain_batch / constrain_table, traced under the
-    # mesh by sid.mesh.traced_on): before, the partitioner split some of them by feature, re-laid them out with
+    # Activations keep their batch split end to end (constrain_batch / constrain_table, traced under the
+    # mesh by traced_on): before, the partitioner split some of them by feature, re-laid them out with
     # all-to-alls and collective-permutes (fsdp8), and replicated them whole where tp met fsdp.
     assert REMAT_WARNING not in capfd.readouterr().err
     relayouts = collectives(sharded[2], "all-to-all|collective-permute")
@@ -246,7 +241,7 @@ def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
     sharded = step_on(MESHES[mesh_name], jax.devices(), "qwen2", MUON[method])
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (sid.mesh.split_by_layer):
+    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (split_by_layer):
     # no Newton–Schulz step all-gathers or all-reduces partial Gram matrices any more, as it did (standard form,
     # fsdp8: 30 all-gathers and 25 matrix all-reduces; dp2 x fsdp2 x tp2: 35, 89 and 105 collective-permutes).
     # muon_optax runs optax's whole Muon branch on that layout (sid.optim.muon_optax.by_layer).

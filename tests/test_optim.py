@@ -15,8 +15,9 @@ import sid.optim.muon as muon_module
 from sid.optim.config import OptimizerConfig
 from sid.optim.muon import NS_COEFFS, newton_schulz, ns_flops, scale_by_muon
 from sid.optim.muon_optax import DIMENSION_NUMBERS
-from sid.optim.routing import decay_mask, label_params, path_str, routing_table
+from sid.optim.routing import decay_mask, label_params, routing_table
 from sid.optim.schedule import make_schedule
+from sid.pytree import path_str
 
 BETA = 0.95
 

@@ -13,15 +13,15 @@ from pathlib import Path
 from sid.compat.hf import load_qwen2
 from sid.config import run_cli
 from sid.data.config import TokenizerConfig
-from sid.data.tasks import load_split
+from sid.data.dataset import dataset_dir, load_split, load_tokenizer
 from sid.eval.runner import evaluate
 from sid.jobs import EvalJob
-from sid.mesh import init_distributed, make_mesh
 from sid.models.build import build_model
 from sid.models.qwen2 import pad_vocab, unpad_vocab
+from sid.parallel.distributed import init_distributed
+from sid.parallel.mesh import make_mesh
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.train import dataset_dir, load_tokenizer
 
 log = logging.getLogger("sid")
 
@@ -58,8 +58,9 @@ def run_eval(job: EvalJob) -> dict:
             )
         model = pad_vocab(unpad_vocab(model), job.model.vocab_multiple)
     else:
-        tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
-        model, _ = build_model(job.model, tok)
+        tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
+        pretrained = load_qwen2(job.model.hf_path, job.model)[0] if job.model.hf_path else None
+        model, _ = build_model(job.model, tok, pretrained)
     tracker = Tracker(job.wandb, run_name=run.path.name, config=run.summary["config"], enabled=run.main)
     metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker, split_data=split)
     run.update(eval=metrics)
