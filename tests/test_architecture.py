@@ -22,8 +22,6 @@ LONG_FUNCTIONS = {
     "sid/loss.py:cross_entropy_sum": "being reworked with label smoothing and per-task losses (issue 24)",
     "sid/compat/hf.py:export_qwen2": "being reworked by the reliability work (issue 23)",
     "sid/compare.py:render_report": "being reworked by the reliability work (issue 23)",
-    "sid/config.py:_convert": "to split (this branch)",
-    "sid/eval/trie.py:build_trie": "to split (this branch)",
 }
 
 
@@ -85,20 +83,19 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def long_functions(root: Path, package: Path) -> dict[str, int]:
     """`path:qualified.name` -> lines, for every function (methods and nested ones too) over MAX_LINES."""
     out = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                qualname = prefix + child.name
+                if not isinstance(child, ast.ClassDef) and child.end_lineno - child.lineno + 1 > MAX_LINES:
+                    out[qualname] = child.end_lineno - child.lineno + 1
+                walk(child, qualname + ".")
+            else:
+                walk(child, prefix)
+
     for path in sorted(package.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-
-        def walk(node: ast.AST, prefix: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    qualname = prefix + child.name
-                    if not isinstance(child, ast.ClassDef) and child.end_lineno - child.lineno + 1 > MAX_LINES:
-                        out[f"{rel}:{qualname}"] = child.end_lineno - child.lineno + 1
-                    walk(child, qualname + ".")
-                else:
-                    walk(child, prefix)
-
-        walk(ast.parse(path.read_text(), str(path)), "")
+        walk(ast.parse(path.read_text(), str(path)), path.relative_to(root).as_posix() + ":")
     return out
 
 
