@@ -105,8 +105,9 @@ def cross_entropy_sum(
             total, dhead = carry
             logits = logits_of(x, w)
             loss, lse = _nll(logits, tt)
-            onehot = jnp.arange(v)[None, :] == tt[:, None]
-            dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * (tt >= 0)[:, None]).astype(compute_dtype)
+            onehot = (jnp.arange(v)[None, :] == tt[:, None]).astype(jnp.float32)
+            supervised = (tt >= 0)[:, None].astype(jnp.float32)
+            dlogits = ((jnp.exp(logits - lse[:, None]) - onehot) * supervised).astype(compute_dtype)
             dh = jnp.dot(dlogits, w, preferred_element_type=jnp.float32).astype(x.dtype)
             dhead = dhead + jnp.dot(dlogits.T, x.astype(compute_dtype), preferred_element_type=jnp.float32)
             return (total + loss, dhead), dh
@@ -121,7 +122,7 @@ def cross_entropy_sum(
 
     def total_loss_bwd(res, g):
         dh, dhead = res
-        return (g * dh).astype(dh.dtype), (g * dhead).astype(head.dtype), None, None
+        return (g * dh.astype(jnp.float32)).astype(dh.dtype), (g * dhead).astype(head.dtype), None, None
 
     total_loss.defvjp(total_loss_fwd, total_loss_bwd)
     return total_loss(chunks_of(h), head, chunks_of(t), needed), (t >= 0).sum()

@@ -97,7 +97,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
         raise ValueError(f"attention='cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'auto'")
     if implementation not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    with jax.numpy_dtype_promotion("standard"):  # jax's XLA path promotes bf16 logits with a float32 constant
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 class Attention(eqx.Module):
