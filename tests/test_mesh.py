@@ -25,7 +25,7 @@ from sid.nanogpt import gpt_loss
 from sid.optim.config import OptimizerConfig
 from sid.parallel.mesh import make_mesh, tp_head_warning
 from sid.parallel.report import device_bytes, sharding_table
-from sid.parallel.rules import param_shardings, without_axis
+from sid.parallel.rules import PartitionRules, param_shardings, without_axis
 from sid.train import sft_loss
 from sid.trainer import init_state, make_train_step, to_global
 
@@ -89,6 +89,33 @@ def test_sharding_table_and_bytes_per_device():
     assert rows["layers.mlp.down_proj.weight"] == ["(2, 64, 128)", "(-, fsdp, tp)", "(2, 32, 64)"]
     assert rows["final_norm.weight"] == ["(64,)", "(fsdp)", "(32,)"]
     assert table[-1] == "per device: params 0.10 MiB + optimizer state 0.21 MiB"
+
+
+def test_each_model_declares_its_partition_rules():
+    # nanoGPT names its own tp fields (fused qkv c_attn and c_fc column-parallel, both c_proj row-parallel).
+    got = specs(GPT.init(GPT_CFG, key=jax.random.key(0)), MeshConfig(dp=1, fsdp=4, tp=2))
+    assert got[".layers.attn.c_attn.weight"] == got[".layers.mlp.c_fc.weight"] == P(None, "tp", "fsdp")
+    assert got[".layers.attn.c_proj.weight"] == got[".layers.mlp.c_proj.weight"] == P(None, "fsdp", "tp")
+    assert got[".wte"] == P(None, "fsdp")  # a vocab table, but 65 rows: neither axis divides them, fsdp takes features
+    # The rules are the model's, not global names: a tree that declares none gets fsdp alone, Qwen2's names or not.
+    mesh = make_mesh(MeshConfig(dp=1, fsdp=4, tp=2))
+    tree = {"layers": {"q_proj": {"weight": jnp.zeros((2, 64, 32))}}, "embed": jnp.zeros((256, 64))}
+    split = jax.tree.map(lambda s: s.spec, param_shardings(tree, mesh))
+    assert split == {"layers": {"q_proj": {"weight": P(None, "fsdp", None)}}, "embed": P("fsdp", None)}
+
+    class Declared(eqx.Module):
+        q_proj: dict
+        partition_rules = PartitionRules(column=frozenset({"q_proj"}))
+
+    declared = param_shardings(Declared({"weight": jnp.zeros((64, 32))}), mesh)
+    assert declared.q_proj["weight"].spec == P("tp", "fsdp")  # [out, in]: tp on out
+
+    class Misdeclared(eqx.Module):
+        w: jax.Array
+        partition_rules = {"column": ["w"]}
+
+    with pytest.raises(TypeError, match="partition_rules must be a PartitionRules"):
+        param_shardings(Misdeclared(jnp.zeros(4)), mesh)
 
 
 def test_qwen2_param_specs_fsdp8():

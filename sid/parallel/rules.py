@@ -29,10 +29,11 @@ class PartitionRules:
 
 
 def partition_rules(tree) -> PartitionRules:
-    """The rules of the model at `tree`'s root (a model, or its params as `eqx.filter` leaves them)."""
-    rules = getattr(tree, "partition_rules", None)
+    """The rules of the model at `tree`'s root (a model, or its params as `eqx.filter` leaves them). A tree that
+    declares none (a toy model: a dict of arrays) has no tensor-parallel fields: fsdp alone splits it."""
+    rules = getattr(tree, "partition_rules", PartitionRules())
     if not isinstance(rules, PartitionRules):
-        raise TypeError(f"{type(tree).__name__} declares no partition_rules (a PartitionRules class attribute)")
+        raise TypeError(f"{type(tree).__name__}.partition_rules must be a PartitionRules, got {type(rules).__name__}")
     return rules
 
 
