@@ -8,7 +8,7 @@ SID_DATA_ROOT ?= $(abspath ../shared/data)
 export SID_DATA_ROOT
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: install demo test lint fmt data clean
+.PHONY: install demo test test-gpu lint fmt data clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: $(STAMP)
 
 test: $(DEV_STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
+
+# The GPU-only tests (marked `gpu`: cuDNN attention), on a machine with a GPU and jax[cuda]: the real devices, not the
+# 8 simulated CPU ones `make test` uses (there these tests skip).
+test-gpu: $(DEV_STAMP)
+	SID_TEST_DEVICE=gpu $(BIN)/python -m pytest -q -m gpu tests
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check sid tests bench

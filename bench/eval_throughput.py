@@ -41,7 +41,8 @@ from common import (
 )
 
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
-from sid.data.tasks import eval_prompts, load_split
+from sid.data.dataset import load_split
+from sid.data.tasks import eval_prompts
 from sid.data.tokenizer import build_tokenizer
 
 
@@ -69,8 +70,10 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.eval.beam import sharded_beam_search
     from sid.eval.runner import bucketed_batches
     from sid.eval.trie import build_trie
-    from sid.mesh import MeshConfig, data_parallel_size, make_mesh, param_shardings
+    from sid.mesh import MeshConfig
     from sid.models.build import build_model
+    from sid.parallel.mesh import data_parallel_size, make_mesh
+    from sid.parallel.rules import param_shardings
 
     tok, catalog, prompts = load_prompts(spec, spec["samples"])
     mesh = make_mesh(MeshConfig())

@@ -30,7 +30,8 @@ def hidden_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     import jax
 
     from sid.models.qwen2 import Qwen2
-    from sid.optim.routing import MUON, label_params, path_str
+    from sid.optim.routing import MUON, label_params
+    from sid.pytree import path_str
 
     cfg = arch_config(arch, vocab_size=128)  # the vocab only sizes the embedding, which AdamW takes
     model = jax.eval_shape(lambda: Qwen2.init(cfg, key=jax.random.key(0)))

@@ -72,18 +72,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from jax.sharding import NamedSharding, PartitionSpec
 
     from sid.hlo import hlo_collectives, partitioned_hlo
-    from sid.mesh import (
-        MeshConfig,
-        batch_sharding,
-        data_parallel_size,
-        device_bytes,
-        make_mesh,
-        param_shardings,
-        state_shardings,
-    )
+    from sid.mesh import MeshConfig
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
+    from sid.parallel.mesh import batch_sharding, data_parallel_size, make_mesh
+    from sid.parallel.opt_state import state_shardings
+    from sid.parallel.report import device_bytes
+    from sid.parallel.rules import param_shardings
     from sid.step import TrainState
 
     dp, fsdp, tp = spec["mesh"]
@@ -136,8 +132,10 @@ def measure_beam(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.eval.beam import sharded_beam_search
     from sid.eval.trie import build_trie
     from sid.hlo import hlo_collectives, partitioned_hlo
-    from sid.mesh import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
+    from sid.mesh import MeshConfig
     from sid.models.qwen2 import Qwen2, pad_vocab
+    from sid.parallel.mesh import batch_sharding, data_parallel_size, make_mesh
+    from sid.parallel.rules import param_shardings
 
     dp, fsdp, tp = spec["mesh"]
     mesh = make_mesh(MeshConfig(dp=dp, fsdp=fsdp, tp=tp), jax.devices()[: dp * fsdp * tp])

@@ -2,7 +2,7 @@
 Qwen2.5-0.5B / 1.5B architectures, with AdamW and the Muons, and of `transformers` + torch on the same shapes.
 
 Measured per configuration, each in a fresh process: real (non-padding) tokens/s over timed steps after warmup,
-MFU (sid.models.build.train_flops over sid.meter.peak_flops_per_device: the head's FLOPs count for supervised
+MFU (sid.models.flops.train_flops over sid.meter.peak_flops_per_device: the head's FLOPs count for supervised
 tokens only, as the loss computes it), compile time of the first step, peak device memory. Rows are packed full
 with synthetic token ids (random segment lengths, positions restarting per segment), so every token is real. By
 default every token but the last of each segment is supervised; `--supervised-fraction 0.17` supervises only the
@@ -76,12 +76,13 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     import sid.loss
-    from sid.mesh import MeshConfig, make_mesh
+    from sid.mesh import MeshConfig
     from sid.meter import peak_flops_per_device
-    from sid.models.build import train_flops
+    from sid.models.flops import train_flops
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
+    from sid.parallel.mesh import make_mesh
     from sid.step import init_state, to_global
 
     if spec["ce_chunk_elements"]:  # this child process measures one configuration: a module setting is fine

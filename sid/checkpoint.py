@@ -17,14 +17,18 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sid.errors import UserError
+
 log = logging.getLogger("sid")
 
 DAMAGED_SUFFIX = ".damaged"
 """Damaged steps newer than the one resumed from move to `<checkpoint dir>.damaged/<step>` (kept to inspect)."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written, or no checkpoint could be restored; the message names the directory."""
+
+    exit_code = 1
 
 
 class Checkpointer:

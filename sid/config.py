@@ -19,11 +19,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from sid.errors import ConfigError, UserError
+
+__all__ = ["ConfigError", "cli", "dump_yaml", "from_dict", "load_yaml", "run_cli", "to_dict"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A preset or override that does not fit its dataclass; the message names the file and the key."""
 
 
 def _type_name(tp: Any) -> str:
@@ -49,52 +49,60 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             raise fail(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
-        options = get_args(tp)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise fail("null is not allowed here")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise fail(f"{value!r} matches none of {' | '.join(_type_name(o) for o in options)}")
+        return _convert_union(get_args(tp), value, key, source, fail)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise fail(f"expected a list, got {type(value).__name__} {value!r}")
-        args = get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise fail(f"expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise fail(f"expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(f"expected an integer, got {type(value).__name__} {value!r}")
-        return value
-    if tp is float:
-        # YAML reads `1e-3` (no dot) as a string; accept numeric strings for floats only.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise fail(f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail(f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise fail(f"expected a string, got {type(value).__name__} {value!r}")
-        return value
+        return _convert_tuple(get_args(tp), value, key, source, fail)
+    if tp in (bool, int, float, str):
+        return _convert_scalar(tp, value, fail)
     raise fail(f"unsupported annotation {tp!r}")
+
+
+def _convert_union(options: tuple, value: Any, key: str, source: str, fail: Callable[[str], ConfigError]) -> Any:
+    """`value` as the first of `options` it fits (None only where the union allows it)."""
+    if value is None:
+        if type(None) in options:
+            return None
+        raise fail("null is not allowed here")
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _convert(option, value, key, source)
+        except ConfigError:
+            pass
+    raise fail(f"{value!r} matches none of {' | '.join(_type_name(o) for o in options)}")
+
+
+def _convert_tuple(args: tuple, value: Any, key: str, source: str, fail: Callable[[str], ConfigError]) -> tuple:
+    """A YAML list as `tuple[X, ...]` (any length) or `tuple[X, Y]` (exactly that many items), item by item."""
+    if not isinstance(value, (list, tuple)):
+        raise fail(f"expected a list, got {type(value).__name__} {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if len(args) != len(value):
+        raise fail(f"expected {len(args)} items, got {len(value)}")
+    return tuple(_convert(a, v, f"{key}[{i}]", source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+
+
+def _convert_scalar(tp: type, value: Any, fail: Callable[[str], ConfigError]) -> Any:
+    """`value` as a bool, int, float or str; YAML's true/false never pass for numbers."""
+    if tp is float and isinstance(value, str):
+        # YAML reads `1e-3` (no dot) as a string; accept numeric strings for floats only.
+        try:
+            return float(value)
+        except ValueError:
+            raise fail(f"expected a number, got {value!r}") from None
+    if tp is bool:
+        ok, what = isinstance(value, bool), "true/false"
+    elif tp is int:
+        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif tp is float:
+        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, what = isinstance(value, str), "a string"
+    if not ok:
+        raise fail(f"expected {what}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<dict>", prefix: str = "") -> T:
@@ -173,17 +181,10 @@ def cli(cls: type[T], *, args: list[str] | None = None, description: str | None 
 def run_cli(cls: type[T], run: Callable[[T], object], argv: list[str] | None = None) -> int:
     """An entry point's body: parse the job, run it. Errors of the user's input (a bad config, a bad data row, a
     missing file), a non-finite loss and a checkpoint that cannot be written end the process with one clear line
-    instead of a traceback."""
-    from sid.checkpoint import CheckpointError
-    from sid.data.errors import DataError
-    from sid.meter import NonFiniteLoss
-
+    (exit status: the error's `exit_code`) instead of a traceback."""
     try:
         run(cli(cls, args=argv))
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (NonFiniteLoss, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return getattr(e, "exit_code", 2)
     return 0

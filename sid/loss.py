@@ -25,9 +25,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from sid.data.tasks import TASKS
-from sid.mesh import batch_split, replicas_max
 from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
+from sid.parallel.trace import batch_split, replicas_max
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 30

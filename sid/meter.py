@@ -8,32 +8,17 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 
-from sid.mesh import format_bytes
+from sid.errors import NonFiniteLoss
+from sid.models.flops import TrainFlops
+from sid.parallel.report import format_bytes
 from sid.run import RunDir
 from sid.tracking import Tracker
 
 log = logging.getLogger("sid")
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss, gradient norm or update norm became NaN/Inf; training stopped before saving the poisoned params,
-    and the last good checkpoint was kept."""
-
-
-class TrainFlops(NamedTuple):
-    """Model FLOPs of training, as MFU counts them: `per_token` for every real token (the layers' matmuls and
-    attention), and `per_target` more for each supervised token (the head's matmul, which the loss computes only for
-    those: sid.loss). With every token supervised that is the usual 6N + attention per token."""
-
-    per_token: float
-    per_target: float
-
-    def __call__(self, tokens: float, targets: float) -> float:
-        return self.per_token * tokens + self.per_target * targets
 
 
 _PEAK_FLOPS = {  # dense bf16 per device

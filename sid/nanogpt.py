@@ -19,10 +19,12 @@ from sid.config import run_cli
 from sid.data.chars import CharBatchIterator, CharData
 from sid.jobs import NanoGPTJob, SampleConfig
 from sid.loss import cross_entropy_sum
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, tp_head_warning, traced_on
-from sid.meter import TrainFlops
+from sid.models.flops import train_flops
 from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
+from sid.parallel.distributed import init_distributed
+from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
+from sid.parallel.trace import traced_on
 from sid.run import RunDir, load_dotenv
 from sid.step import to_global
 from sid.tracking import Tracker
@@ -42,14 +44,6 @@ def gpt_loss(model: GPT, batch, key):
         valid_vocab=model.config.vocab_size,
         compute_dtype=DTYPES[model.config.compute_dtype],
     )
-
-
-def train_flops(model: GPT) -> TrainFlops:
-    """Karpathy's estimate, 6N for the matmuls (position embeddings excluded) + 12·L·D·T for attention, with the
-    tied head's 6 x vocab x D counted per supervised token (every character here: nanoGPT batches have no padding)."""
-    c = model.config
-    head = 6.0 * model.head_weight().size
-    return TrainFlops(6.0 * model.num_params() - head + 12.0 * c.n_layer * c.n_embd * c.block_size, head)
 
 
 def make_eval_loss(data: CharData, job: NanoGPTJob, rows: int, mesh):
@@ -158,7 +152,7 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
         mesh=mesh,
         run=run,
         tracker=tracker,
-        flops=train_flops(model),
+        flops=train_flops(model, model.config.block_size),
         evaluators=[best],
     )
     best_path = best.path

@@ -15,17 +15,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
-from sid.mesh import (
-    BATCH_AXES,
-    REPLICAS,
-    batch_sharding,
-    constrain_batch,
-    param_shardings,
-    per_replica,
-    state_shardings,
-    traced_on,
-    without_axis,
-)
+from sid.parallel.mesh import BATCH_AXES, batch_sharding
+from sid.parallel.opt_state import state_shardings
+from sid.parallel.rules import param_shardings, without_axis
+from sid.parallel.trace import REPLICAS, constrain_batch, per_replica, traced_on
 
 LossFn = Callable[[Any, dict[str, Array], Array], tuple]
 """(model, micro-batch, dropout key) -> (sum of token losses, number of supervised tokens[, stats]): `stats`, when

@@ -6,7 +6,6 @@ the shared trainer → HF export of the final model (RUN_DIR/model) → trie-con
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -15,44 +14,29 @@ from pathlib import Path
 
 import jax
 
-from sid.compat.hf import export_qwen2
+from sid.compat.hf import export_qwen2, load_qwen2
 from sid.config import ConfigError, run_cli
-from sid.data.config import TokenizerConfig
+from sid.data.dataset import dataset_dir, load_split, load_tokenizer
 from sid.data.pipeline import BatchPlan
-from sid.data.tasks import build_sft_samples, encode_all, eval_prompts, load_split, synthetic_dir
-from sid.data.tokenizer import SIDTokenizer, build_tokenizer
+from sid.data.tasks import build_sft_samples, encode_all, eval_prompts
+from sid.data.tokenizer import SIDTokenizer
 from sid.eval.config import EvalConfig
 from sid.eval.held_out import HeldOutLoss, ValidRanking
 from sid.eval.runner import evaluate
 from sid.jobs import TrainJob
 from sid.loss import sft_loss
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning
-from sid.models.build import build_model, num_params, token_extension, train_flops
+from sid.models.build import build_model, token_extension
+from sid.models.flops import num_params, train_flops
 from sid.models.qwen2 import Qwen2
-from sid.paths import resolve
+from sid.parallel.distributed import init_distributed
+from sid.parallel.host import to_host
+from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer
 from sid.trainer_config import TrainConfig
 
 log = logging.getLogger("sid")
-
-
-def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:
-    """The tokenizer files: `tokenizer.path`, or the dataset's own directory when it is empty."""
-    return data_dir if not cfg.path else resolve(cfg.path, data_root)
-
-
-def dataset_dir(job, run_dir: Path | None) -> Path:
-    """Where the split files are (synthetic data is written under the run directory)."""
-    if job.data.source == "synthetic":
-        return synthetic_dir(job.data, run_dir)
-    return resolve(job.data.dir, job.data.data_root)
-
-
-def load_tokenizer(cfg: TokenizerConfig, catalog, data_dir: Path, data_root: str) -> SIDTokenizer:
-    path = tokenizer_dir(cfg, data_dir, data_root)
-    return build_tokenizer(dataclasses.replace(cfg, path=str(path.absolute())), catalog.sid_tokens())
 
 
 def sft_plan(job: TrainJob, tok: SIDTokenizer, samples, rows_per_step: int) -> BatchPlan:
@@ -111,7 +95,7 @@ def run_train(job: TrainJob) -> dict:
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
     rows_data, catalog, bad_rows = _train_split(job, run)
-    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
+    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
     model = _model(job, tok, mesh, run)
     run.update(data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
     samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
@@ -156,7 +140,8 @@ def _train_split(job: TrainJob, run: RunDir):
 
 def _model(job: TrainJob, tok: SIDTokenizer, mesh, run: RunDir) -> Qwen2:
     """The configured model with the tokenizer's vocab (HF checkpoint or scratch), logged and recorded."""
-    model, vocab_resize = build_model(job.model, tok)
+    pretrained = load_qwen2(job.model.hf_path, job.model)[0] if job.model.hf_path else None
+    model, vocab_resize = build_model(job.model, tok, pretrained)
     log.info(
         "model: %.1fM params, vocab %d rows (%d real); tokenizer %d base + %d SID tokens",
         num_params(model) / 1e6,

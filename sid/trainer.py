@@ -21,18 +21,18 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError
-from sid.mesh import device_bytes, format_bytes, sharding_table, without_axis
-from sid.meter import Meter, NonFiniteLoss, TrainFlops, log_step_memory
+from sid.meter import Meter, log_step_memory
+from sid.models.flops import TrainFlops
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
+from sid.parallel.report import device_bytes, format_bytes, sharding_table
+from sid.parallel.rules import without_axis
 from sid.run import RunDir, require_shared_directory
 from sid.selection import SELECT_KEYS, Evaluator, Selection, due
 from sid.step import LossFn, init_state, make_train_step, step_memory_bytes, to_global
 from sid.tracking import Tracker
 from sid.trainer_config import TrainConfig
-
-__all__ = ["BatchIterator", "NonFiniteLoss", "TrainFlops", "check_output_dir", "fit", "make_optimizer"]
 
 log = logging.getLogger("sid")
 

@@ -1,6 +1,6 @@
 """cuDNN fused attention against XLA on a GPU: the same hidden states, gradients and cached decoding for packed,
 right- and left-padded rows, and `attention: auto` really lowering to cuDNN. Skipped without a GPU backend
-(run with JAX_PLATFORMS=cuda); on CPU, test_qwen2.py covers the masks against separate runs."""
+(`make test-gpu` runs them on a GPU machine); on CPU, test_qwen2.py covers the masks against separate runs."""
 
 import dataclasses
 import re
@@ -14,7 +14,10 @@ import pytest
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU backend")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU backend: make test-gpu"),
+]
 
 # head_dim 64 (cuDNN's flash path takes up to 128), GQA 2:1, bf16 compute as in training.
 CFG = ModelConfig(

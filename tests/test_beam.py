@@ -12,9 +12,11 @@ import pytest
 from sid.eval.beam import beam_search, sharded_beam_search
 from sid.eval.trie import build_trie
 from sid.hlo import hlo_collectives, partitioned_hlo
-from sid.mesh import MeshConfig, make_mesh, param_shardings
+from sid.mesh import MeshConfig
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab
+from sid.parallel.mesh import make_mesh
+from sid.parallel.rules import param_shardings
 
 VALID_VOCAB = 40  # ids 0..9 text, 10 "\n", 11 EOS, 12..39 SID tokens; rows 40..47 are vocab padding
 NEWLINE, EOS = 10, 11
@@ -168,7 +170,7 @@ def test_sharded_over_eight_devices_equals_single_device(setup, mesh_cfg, capfd)
         np.testing.assert_array_equal(np.asarray(getattr(sharded, name)), np.asarray(getattr(single, name)))
     np.testing.assert_allclose(np.asarray(sharded.scores), np.asarray(single.scores), rtol=0, atol=1e-5)
     _check_against_oracle(sharded, trie, oracle, exhaustive=True)
-    # Activations stay split by batch (sid.mesh.constrain_batch): with dp > 1 the partitioner used to shard some
+    # Activations stay split by batch (constrain_batch): with dp > 1 the partitioner used to shard some
     # of them by feature and fall back to replicating whole tensors where the two layouts met.
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
 

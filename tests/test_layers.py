@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sid.mesh import MeshConfig, batch_sharding, make_mesh, table_split, traced_on
+from sid.mesh import MeshConfig
 from sid.models.layers import Embedding, Linear, _affine, scan_layers, vocab_logprobs
+from sid.parallel.mesh import batch_sharding, make_mesh
+from sid.parallel.trace import table_split, traced_on
 
 
 def linear_and_cotangent(dtype, *, bias: bool, seed: int = 0):

@@ -11,9 +11,11 @@ import sid.loss
 from sid.data.pipeline import NO_TASK, BatchPlan
 from sid.data.tasks import TASKS
 from sid.loss import cross_entropy_by_task, cross_entropy_sum, sft_loss
-from sid.mesh import MeshConfig, make_mesh, traced_on
+from sid.mesh import MeshConfig
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
+from sid.parallel.mesh import make_mesh
+from sid.parallel.trace import traced_on
 
 
 def oracle(h, w, t, tasks, valid, eps, num_tasks):

@@ -18,20 +18,15 @@ from jax.sharding import PartitionSpec as P
 import sid.loss
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
 from sid.loss import sft_loss
-from sid.mesh import (
-    MeshConfig,
-    device_bytes,
-    make_mesh,
-    param_shardings,
-    sharding_table,
-    tp_head_warning,
-    without_axis,
-)
+from sid.mesh import MeshConfig
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
 from sid.optim.config import OptimizerConfig
+from sid.parallel.mesh import make_mesh, tp_head_warning
+from sid.parallel.report import device_bytes, sharding_table
+from sid.parallel.rules import PartitionRules, param_shardings, without_axis
 from sid.step import init_state, make_train_step, to_global
 
 QWEN = ModelConfig(
@@ -94,6 +89,33 @@ def test_sharding_table_and_bytes_per_device():
     assert rows["layers.mlp.down_proj.weight"] == ["(2, 64, 128)", "(-, fsdp, tp)", "(2, 32, 64)"]
     assert rows["final_norm.weight"] == ["(64,)", "(fsdp)", "(32,)"]
     assert table[-1] == "per device: params 0.10 MiB + optimizer state 0.21 MiB"
+
+
+def test_each_model_declares_its_partition_rules():
+    # nanoGPT names its own tp fields (fused qkv c_attn and c_fc column-parallel, both c_proj row-parallel).
+    got = specs(GPT.init(GPT_CFG, key=jax.random.key(0)), MeshConfig(dp=1, fsdp=4, tp=2))
+    assert got[".layers.attn.c_attn.weight"] == got[".layers.mlp.c_fc.weight"] == P(None, "tp", "fsdp")
+    assert got[".layers.attn.c_proj.weight"] == got[".layers.mlp.c_proj.weight"] == P(None, "fsdp", "tp")
+    assert got[".wte"] == P(None, "fsdp")  # a vocab table, but 65 rows: neither axis divides them, fsdp takes features
+    # The rules are the model's, not global names: a tree that declares none gets fsdp alone, Qwen2's names or not.
+    mesh = make_mesh(MeshConfig(dp=1, fsdp=4, tp=2))
+    tree = {"layers": {"q_proj": {"weight": jnp.zeros((2, 64, 32))}}, "embed": jnp.zeros((256, 64))}
+    split = jax.tree.map(lambda s: s.spec, param_shardings(tree, mesh))
+    assert split == {"layers": {"q_proj": {"weight": P(None, "fsdp", None)}}, "embed": P("fsdp", None)}
+
+    class Declared(eqx.Module):
+        q_proj: dict
+        partition_rules = PartitionRules(column=frozenset({"q_proj"}))
+
+    declared = param_shardings(Declared({"weight": jnp.zeros((64, 32))}), mesh)
+    assert declared.q_proj["weight"].spec == P("tp", "fsdp")  # [out, in]: tp on out
+
+    class Misdeclared(eqx.Module):
+        w: jax.Array
+        partition_rules = {"column": ["w"]}
+
+    with pytest.raises(TypeError, match="partition_rules must be a PartitionRules"):
+        param_shardings(Misdeclared(jnp.zeros(4)), mesh)
 
 
 def test_qwen2_param_specs_fsdp8():
@@ -220,8 +242,8 @@ def test_real_model_step_sharded_equals_single_device(case, mesh_name, capfd):
     np.testing.assert_allclose(sharded[0]["grad_norm"], single[0]["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # Activations keep their batch split end to end (sid.mesh.constrain_batch / constrain_table, traced under the
-    # mesh by sid.mesh.traced_on): before, the partitioner split some of them by feature, re-laid them out with
+    # Activations keep their batch split end to end (constrain_batch / constrain_table, traced under the
+    # mesh by traced_on): before, the partitioner split some of them by feature, re-laid them out with
     # all-to-alls and collective-permutes (fsdp8), and replicated them whole where tp met fsdp.
     assert REMAT_WARNING not in capfd.readouterr().err
     relayouts = collectives(sharded[2], "all-to-all|collective-permute")
@@ -246,7 +268,7 @@ def test_muon_orthogonalizes_whole_matrices_per_device(method, mesh_name):
     sharded = step_on(MESHES[mesh_name], jax.devices(), "qwen2", MUON[method])
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (sid.mesh.split_by_layer):
+    # The 2-layer stacks are padded to the 8 (or 4) param shards and re-split by layer (split_by_layer):
     # no Newton–Schulz step all-gathers or all-reduces partial Gram matrices any more, as it did (standard form,
     # fsdp8: 30 all-gathers and 25 matrix all-reduces; dp2 x fsdp2 x tp2: 35, 89 and 105 collective-permutes).
     # muon_optax runs optax's whole Muon branch on that layout (sid.optim.muon_optax.by_layer).

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from sid.config import ConfigError
-from sid.mesh import MeshConfig, init_distributed, make_mesh
+from sid.mesh import MeshConfig
+from sid.parallel.distributed import init_distributed
+from sid.parallel.mesh import make_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/train/cpu/smoke.yaml")

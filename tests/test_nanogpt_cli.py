@@ -10,9 +10,9 @@ import numpy as np
 from sid.config import load_yaml
 from sid.data.chars import CharData
 from sid.jobs import NanoGPTJob
-from sid.mesh import make_mesh
 from sid.models.nanogpt import GPT
 from sid.nanogpt import make_eval_loss, run_nanogpt
+from sid.parallel.mesh import make_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,11 +12,15 @@ import optax.contrib
 import pytest
 
 import sid.optim.muon as muon_module
+from sid.models.config import GPTConfig, ModelConfig
+from sid.models.nanogpt import GPT
+from sid.models.qwen2 import Qwen2
 from sid.optim.config import OptimizerConfig
 from sid.optim.muon import NS_COEFFS, newton_schulz, ns_flops, scale_by_muon
 from sid.optim.muon_optax import DIMENSION_NUMBERS
-from sid.optim.routing import decay_mask, label_params, path_str, routing_table
+from sid.optim.routing import decay_mask, label_params, routing_table
 from sid.optim.schedule import make_schedule
+from sid.pytree import path_str
 
 BETA = 0.95
 
@@ -432,9 +436,6 @@ def test_routing_of_nanogpt_shaped_dict():
 
 
 def test_routing_of_real_qwen2():
-    qwen2 = pytest.importorskip("sid.models.qwen2")
-    from sid.models.config import ModelConfig
-
     cfg = ModelConfig(
         vocab_size=64,
         hidden_size=16,
@@ -445,7 +446,7 @@ def test_routing_of_real_qwen2():
         tie_word_embeddings=False,
     )
     # Shapes only (routing never reads values): also proves routing works on abstract trees.
-    params = eqx.filter_eval_shape(qwen2.Qwen2.init, cfg, key=jax.random.key(0))
+    params = eqx.filter_eval_shape(Qwen2.init, cfg, key=jax.random.key(0))
     reference = qwen2_like(tied=False, L=2, V=64, D=16, H=4, KV=2, hd=4, F=24)
     # Same paths and shapes as the contract-shaped mirror, hence the same routing and decay.
     assert {p: np.shape(x) for p, x in by_path(params).items()} == {
@@ -456,11 +457,8 @@ def test_routing_of_real_qwen2():
 
 
 def test_routing_of_real_nanogpt():
-    nanogpt = pytest.importorskip("sid.models.nanogpt")
-    from sid.models.config import GPTConfig
-
     cfg = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=8, bias=True)
-    params = eqx.filter_eval_shape(nanogpt.GPT.init, cfg, key=jax.random.key(0))
+    params = eqx.filter_eval_shape(GPT.init, cfg, key=jax.random.key(0))
     labels = by_path(label_params(params))
     assert {p for p, lab in labels.items() if lab == "muon"} == NANOGPT_HIDDEN
     decayed = {p for p, d in by_path(decay_mask(params)).items() if d}

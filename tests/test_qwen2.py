@@ -271,7 +271,7 @@ def test_unrolled_layer_scan_equals_rolled(model):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_train_flops_count_the_head_per_supervised_token(tied):
-    from sid.models.build import train_flops
+    from sid.models.flops import train_flops
 
     cfg = ModelConfig(
         hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=40,

@@ -25,11 +25,13 @@ from test_trainer import ToyBatches, run_fit, toy_loss, toy_model
 
 from sid.checkpoint import Checkpointer, CheckpointError, abstract_like, all_finite
 from sid.config import ConfigError, from_dict
+from sid.errors import NonFiniteLoss
 from sid.eval.config import EvalConfig
-from sid.mesh import MeshConfig, make_mesh
+from sid.mesh import MeshConfig
+from sid.parallel.mesh import make_mesh
 from sid.run import RunDir
+from sid.step import init_state
 from sid.tracking import Tracker, WandbConfig
-from sid.trainer import NonFiniteLoss, init_state
 from sid.trainer_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +134,7 @@ def test_eval_checkpoint_falls_back_from_a_damaged_export_to_the_newest_intact_c
     """sid.eval --eval.checkpoint RUN_DIR: the exported model, else (damaged) the newest intact checkpoint, whose
     params are the export's bitwise (the final step is saved and exported in float32)."""
     from sid.config import load_yaml
-    from sid.data.tasks import load_split
+    from sid.data.dataset import load_split
     from sid.eval.__main__ import load_checkpoint
     from sid.jobs import EvalJob
     from sid.train import main as train_main

@@ -11,7 +11,9 @@ from test_beam import _catalog, _exhaustive, _model, _prompts
 
 from sid.eval.beam import beam_search
 from sid.eval.sampling import constrained_sample, sharded_constrained_sample
-from sid.mesh import MeshConfig, make_mesh, param_shardings
+from sid.mesh import MeshConfig
+from sid.parallel.mesh import make_mesh
+from sid.parallel.rules import param_shardings
 
 CHI2_DF3_P1E4 = 21.1075  # chi-square critical value, 3 degrees of freedom (4 first-level codes), p = 1e-4
 

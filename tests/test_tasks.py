@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
+from sid.data.dataset import load_split
 from sid.data.errors import CSVSyntaxError, MissingTitlesError
 from sid.data.minionerec import load_catalog, read_csv
-from sid.data.tasks import TASKS, build_sft_samples, encode, encode_all, eval_prompts, load_split
+from sid.data.tasks import TASKS, build_sft_samples, encode, encode_all, eval_prompts
 from sid.data.tokenizer import build_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -12,9 +12,12 @@ import numpy as np
 import optax
 import pytest
 
+from sid.errors import NonFiniteLoss
 from sid.loss import cross_entropy_sum
-from sid.mesh import MeshConfig, format_bytes, make_mesh
-from sid.meter import NonFiniteLoss, TrainFlops
+from sid.mesh import MeshConfig
+from sid.models.flops import TrainFlops
+from sid.parallel.mesh import make_mesh
+from sid.parallel.report import format_bytes
 from sid.run import RunDir
 from sid.step import init_state, make_train_step, to_global
 from sid.tracking import Tracker, WandbConfig
@@ -324,7 +327,7 @@ def test_cross_entropy_computes_only_chunks_with_supervised_tokens(monkeypatch, 
     float64 reference over the supervised tokens, only if no chunk holding one of them is computed. Each row (the
     rows one device holds, over a mesh) supervises 8 tokens at random positions: its first chunk once sorted."""
     import sid.loss
-    from sid.mesh import traced_on
+    from sid.parallel.trace import traced_on
 
     rows, length, vocab, valid = 8, 32, 11, 9
     groups = 1 if mesh_cfg is None else 8 // mesh_cfg.tp  # rows split over dp x fsdp: one row per group here
@@ -357,7 +360,7 @@ def test_cross_entropy_computes_every_chunk_a_group_needs(monkeypatch):
     """Groups that need different numbers of chunks: the loop runs to the most any group needs (a max over the
     devices), and rows with no supervised token or with every token supervised are both exact."""
     import sid.loss
-    from sid.mesh import traced_on
+    from sid.parallel.trace import traced_on
 
     rows, length, vocab = 8, 16, 13
     monkeypatch.setattr(sid.loss, "CHUNK_ELEMENTS", 4 * 8 * vocab)  # 4 tokens per group per chunk

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from sid.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 MAX_EXAMPLES = 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file that does not fit its format. `reason` is the key this error is counted under when skipped."""
 
     reason: ClassVar[str] = "bad_data"

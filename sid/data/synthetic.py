@@ -27,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sid.data.config import TasksConfig
 from sid.data.minionerec import CSV_COLUMNS, load_catalog, read_csv
+from sid.data.tasks import build_sft_samples
 
 P_SUCCESSOR = 0.8
 P_SAME_CLUSTER = 0.15
@@ -179,7 +180,6 @@ def write_synthetic(
 def _write_tokenizer(out: Path, category: str) -> None:
     """A small byte-level BPE (tokenizer.json, 512 tokens) trained on this catalog's SFT text, so the embedded
     data needs no download and a tiny model trains on a CPU (Qwen's 151k vocab would dominate its cost)."""
-    from sid.data.tasks import build_sft_samples  # tasks imports this module (load_split)
 
     catalog = load_catalog(out, category)
     rows = read_csv(out / "train.csv", catalog)[:200]

@@ -1,5 +1,5 @@
-"""The MiniOneRec SFT task mix (prompt/completion text), its tokenization with loss masks, the eval prompts, and
-`load_split`, the one call that reads a split from whichever source the config names.
+"""The MiniOneRec SFT task mix (prompt/completion text), its tokenization with loss masks, and the eval prompts.
+(Reading a split from whichever source the config names is `sid.data.dataset.load_split`.)
 
 Every task uses upstream's frame (note the spaces after `request.` and after `Input:`); the completion is
 `"{OUTPUT}\\n"`, followed by EOS when tokenized. Prompt tokens are not supervised, there is no BOS, and an
@@ -8,21 +8,16 @@ over-long sample keeps its last `max_len` tokens, as upstream does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from sid.data.config import DataConfig, TasksConfig
-from sid.data.errors import BadRowReport, MissingTitlesError
-from sid.data.letter import read_letter
-from sid.data.minionerec import Catalog, Interaction, load_catalog, read_csv
-from sid.data.synthetic import write_synthetic
+from sid.data.config import TasksConfig
+from sid.data.errors import MissingTitlesError
+from sid.data.minionerec import Catalog, Interaction
 from sid.data.tokenizer import SIDTokenizer
-from sid.paths import resolve
 
 FRAME = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -175,52 +170,3 @@ def eval_prompts(interactions: Sequence[Interaction], tasks_cfg: TasksConfig) ->
     return [
         (frame(NEXT_SID_INSTRUCTION, next_sid_input(it.history_sids, wording)), it.target_sid) for it in interactions
     ]
-
-
-def synthetic_dir(cfg: DataConfig, run_dir: str | Path | None) -> Path:
-    """Where synthetic files go: `run_dir/cfg.dir`, else a cache directory named by the generator's arguments."""
-    if run_dir is not None:
-        return Path(run_dir) / cfg.dir
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return (
-        cache / "sid" / f"synthetic-{cfg.category}-i{cfg.synthetic_items}-u{cfg.synthetic_users}-s{cfg.synthetic_seed}"
-    )
-
-
-def load_split(
-    cfg: DataConfig, split: Literal["train", "valid", "test"], run_dir: str | Path | None = None
-) -> tuple[list[Interaction], Catalog, BadRowReport]:
-    """Read one split of the configured source: its interactions, the catalog, and the bad rows skipped.
-
-    minionerec: `cfg.{split}_file` in `cfg.dir`; letter: leave-one-out over `{category}.inter.json`;
-    synthetic: the files are (re)written first (same config -> same bytes), then read as MiniOneRec
-    (train.csv / valid.csv / test.csv).
-    """
-    bad_rows = BadRowReport(on_bad_row=cfg.on_bad_row)
-    if cfg.source == "letter":
-        rows, catalog = read_letter(
-            resolve(cfg.dir, cfg.data_root),
-            cfg.category,
-            split,
-            max_history=cfg.max_history,
-            max_users=cfg.max_users,
-            bad_rows=bad_rows,
-        )
-        return rows, catalog, bad_rows
-    if cfg.source == "synthetic":
-        directory = write_synthetic(
-            synthetic_dir(cfg, run_dir),
-            num_items=cfg.synthetic_items,
-            num_users=cfg.synthetic_users,
-            seed=cfg.synthetic_seed,
-            category=cfg.category,
-        )
-        file = f"{split}.csv"
-    else:
-        directory = resolve(cfg.dir, cfg.data_root)
-        file = {"train": cfg.train_file, "valid": cfg.valid_file, "test": cfg.test_file}[split]
-    catalog = load_catalog(directory, cfg.category)
-    path = directory / file
-    if not path.is_file():
-        raise FileNotFoundError(f"{split} file {path} not found (data.dir / data.{split}_file)")
-    return read_csv(path, catalog, bad_rows), catalog, bad_rows

@@ -19,15 +19,15 @@ from sid.checkpoint import Checkpointer, abstract_like, error_line
 from sid.compat.hf import load_qwen2
 from sid.config import ConfigError, load_yaml, run_cli
 from sid.data.config import TokenizerConfig
-from sid.data.tasks import load_split
+from sid.data.dataset import dataset_dir, load_split, load_tokenizer
 from sid.eval.runner import evaluate
 from sid.jobs import EvalJob, TrainJob
-from sid.mesh import init_distributed, make_mesh
 from sid.models.build import build_model
 from sid.models.qwen2 import pad_vocab, unpad_vocab
+from sid.parallel.distributed import init_distributed
+from sid.parallel.mesh import make_mesh
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
-from sid.train import dataset_dir, load_tokenizer
 from sid.trainer import CHECKPOINT_DIR
 
 log = logging.getLogger("sid")
@@ -83,7 +83,7 @@ def _load_orbax(run_dir: Path, step: int | None, job: EvalJob, catalog):
     if not config.is_file():
         raise ConfigError(f"{run_dir}: no config_resolved.yaml, so its checkpoints' model cannot be rebuilt")
     train = load_yaml(TrainJob, config)
-    tok = load_tokenizer(train.tokenizer, catalog, dataset_dir(train, run_dir), train.data.data_root)
+    tok = load_tokenizer(train.tokenizer, catalog, dataset_dir(train.data, run_dir), train.data.data_root)
     # The architecture is the run's; how to compute (dtype, remat, kernels) is this job's.
     runtime = ("compute_dtype", "remat", "scan_unroll", "attention")
     model_cfg = dataclasses.replace(train.model, **{k: getattr(job.model, k) for k in runtime})
@@ -108,8 +108,9 @@ def run_eval(job: EvalJob) -> dict:
     if job.eval.checkpoint:
         model, tok = load_checkpoint(job, catalog)
     else:
-        tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
-        model, _ = build_model(job.model, tok)
+        tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
+        pretrained = load_qwen2(job.model.hf_path, job.model)[0] if job.model.hf_path else None
+        model, _ = build_model(job.model, tok, pretrained)
     metrics = evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker, split_data=split)
     run.update(eval=metrics)
     tracker.summary({f"eval/HR@{k}": v for k, v in metrics["hr"].items()})

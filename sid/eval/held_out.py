@@ -15,7 +15,7 @@ from sid.data.pipeline import BatchPlan
 from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
 from sid.eval.runner import Ranker
-from sid.mesh import traced_on
+from sid.parallel.trace import traced_on
 from sid.step import to_global
 
 log = logging.getLogger("sid")

@@ -15,15 +15,18 @@ import numpy as np
 from tqdm import tqdm
 
 from sid.data.config import DataConfig, TasksConfig
-from sid.data.tasks import eval_prompts, load_split
+from sid.data.dataset import load_split
+from sid.data.tasks import eval_prompts
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.beam import sharded_beam_search
 from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
 from sid.eval.predictions import write_explained, write_predictions
 from sid.eval.trie import build_trie
-from sid.mesh import batch_sharding, data_parallel_size, global_array, param_shardings, to_host
 from sid.models.qwen2 import Qwen2
+from sid.parallel.host import global_array, to_host
+from sid.parallel.mesh import batch_sharding, data_parallel_size
+from sid.parallel.rules import param_shardings
 from sid.run import RunDir
 from sid.tracking import Tracker
 

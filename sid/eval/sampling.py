@@ -20,8 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from sid.eval.trie import TrieTables
-from sid.mesh import batch_sharding, param_shardings, traced_on
 from sid.models.qwen2 import Qwen2
+from sid.parallel.mesh import batch_sharding
+from sid.parallel.rules import param_shardings
+from sid.parallel.trace import traced_on
 
 
 class SampleOutput(NamedTuple):

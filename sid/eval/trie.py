@@ -92,9 +92,35 @@ def build_trie(item_sids: Mapping[Hashable, str], token_ids: Mapping[str, int], 
 
     Raises ValueError on an empty catalog, a malformed SID, mixed depths, or a SID token missing from ``token_ids``.
     """
+    end_ids = tuple(int(i) for i in end_ids)
+    leaf_of_path, sid_of_path = _token_paths(item_sids, token_ids)
+    paths = sorted(leaf_of_path)
+    depth = len(paths[0])
+    level_codes = [sorted({p[d] for p in paths}) for d in range(depth)]
+    level_nodes = _number_nodes(paths, depth)
+    width = max(max(len(c) for c in level_codes), 1)
+    leaf_offset = next(iter(level_nodes[depth].values()))
+    tables = TrieTables(
+        children=jnp.asarray(_children(level_nodes, level_codes, width)),
+        codes=jnp.asarray(_codes(level_codes, end_ids, width)),
+        depth=depth,
+        leaf_offset=int(leaf_offset),
+        num_leaves=len(paths),
+    )
+    return SidTrie(
+        tables=tables,
+        sids=tuple(sid_of_path[p] for p in paths),
+        leaf_items=tuple(tuple(leaf_of_path[p]) for p in paths),
+        paths=np.asarray(paths, dtype=np.int32).reshape(len(paths), depth),
+    )
+
+
+def _token_paths(
+    item_sids: Mapping[Hashable, str], token_ids: Mapping[str, int]
+) -> tuple[dict[tuple[int, ...], list[Hashable]], dict[tuple[int, ...], str]]:
+    """Each SID's vocab-id path -> the items that carry it, and -> its SID string; checks every SID (`build_trie`)."""
     if not item_sids:
         raise ValueError("empty catalog: no SIDs to build a trie from")
-    end_ids = tuple(int(i) for i in end_ids)
     depth = None
     leaf_of_path: dict[tuple[int, ...], list[Hashable]] = {}
     sid_of_path: dict[tuple[int, ...], str] = {}
@@ -112,11 +138,12 @@ def build_trie(item_sids: Mapping[Hashable, str], token_ids: Mapping[str, int], 
         path = tuple(int(token_ids[t]) for t in tokens)
         leaf_of_path.setdefault(path, []).append(item)
         sid_of_path.setdefault(path, sid)
-    assert depth is not None
+    return leaf_of_path, sid_of_path
 
-    paths = sorted(leaf_of_path)
-    level_codes = [sorted({p[d] for p in paths}) for d in range(depth)]
-    # Nodes per level in lexicographic order of their paths (paths are sorted, so prefixes come out sorted).
+
+def _number_nodes(paths: list[tuple[int, ...]], depth: int) -> list[dict[tuple[int, ...], int]]:
+    """Per level 0..depth, each distinct prefix -> its global node id: level by level, and within a level in
+    lexicographic order of the prefixes (`paths` are sorted, so their prefixes come out sorted)."""
     level_nodes: list[dict[tuple[int, ...], int]] = []
     next_id = 0
     for d in range(depth + 1):
@@ -126,32 +153,28 @@ def build_trie(item_sids: Mapping[Hashable, str], token_ids: Mapping[str, int], 
                 nodes[p[:d]] = next_id + len(nodes)
         level_nodes.append(nodes)
         next_id += len(nodes)
+    return level_nodes
 
-    width = max(max(len(c) for c in level_codes), 1)
-    children = np.full((next_id, width), -1, dtype=np.int32)
+
+def _children(level_nodes: list[dict[tuple[int, ...], int]], level_codes: list[list[int]], width: int) -> np.ndarray:
+    """`TrieTables.children`: each node's child per candidate column; each leaf points to itself in column 0."""
+    depth = len(level_codes)
+    num_nodes = sum(len(nodes) for nodes in level_nodes)
+    children = np.full((num_nodes, width), -1, dtype=np.int32)
     for d in range(depth):
         column = {code: j for j, code in enumerate(level_codes[d])}
         for child_path, child in level_nodes[d + 1].items():
             children[level_nodes[d][child_path[:-1]], column[child_path[-1]]] = child
-    leaf_offset = next(iter(level_nodes[depth].values()))
-    leaf_ids = np.arange(leaf_offset, next_id, dtype=np.int32)
+    leaf_ids = np.fromiter(level_nodes[depth].values(), dtype=np.int32)
     children[leaf_ids, 0] = leaf_ids
+    return children
 
+
+def _codes(level_codes: list[list[int]], end_ids: tuple[int, ...], width: int) -> np.ndarray:
+    """`TrieTables.codes`: each SID level's candidate vocab ids (ascending, zero-padded), then one end token a step."""
+    depth = len(level_codes)
     codes = np.zeros((depth + len(end_ids), width), dtype=np.int32)
     for d, level in enumerate(level_codes):
         codes[d, : len(level)] = level
     codes[depth:, 0] = end_ids
-
-    tables = TrieTables(
-        children=jnp.asarray(children),
-        codes=jnp.asarray(codes),
-        depth=depth,
-        leaf_offset=int(leaf_offset),
-        num_leaves=len(paths),
-    )
-    return SidTrie(
-        tables=tables,
-        sids=tuple(sid_of_path[p] for p in paths),
-        leaf_items=tuple(tuple(leaf_of_path[p]) for p in paths),
-        paths=np.asarray(paths, dtype=np.int32).reshape(len(paths), depth),
-    )
+    return codes

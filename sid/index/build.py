@@ -13,7 +13,7 @@ import numpy as np
 from sid.config import ConfigError
 from sid.data.config import DataConfig
 from sid.data.minionerec import Interaction
-from sid.data.tasks import load_split, synthetic_dir
+from sid.data.dataset import load_split, synthetic_dir
 from sid.index.collisions import codebook_use, collision_stats, make_unique
 from sid.index.config import EmbedConfig, IndexJob
 from sid.index.embed import check_embeddings, collaborative, load_npy

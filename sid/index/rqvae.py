@@ -8,7 +8,7 @@ f32: the model is small and the codes depend on exact distance ties.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import equinox as eqx
 import jax
@@ -20,8 +20,20 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from sid.index.kmeans import sq_distances
 from sid.index.residual import Quantized, residual_kmeans
 
-if TYPE_CHECKING:
-    from sid.index.config import QuantizerConfig
+
+class RQVAESettings(Protocol):
+    """What training an RQ-VAE reads (`sid.index.config.QuantizerConfig` has these fields)."""
+
+    levels: int
+    codebook_size: int
+    kmeans_iters: int
+    seed: int
+    latent_dim: int
+    hidden_dim: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    commitment: float
 
 
 class RQVAE(eqx.Module):
@@ -88,7 +100,7 @@ def train_step(
     return eqx.apply_updates(model, updates), opt_state, loss
 
 
-def train_rqvae(x: np.ndarray, cfg: QuantizerConfig) -> tuple[RQVAE, list[float]]:
+def train_rqvae(x: np.ndarray, cfg: RQVAESettings) -> tuple[RQVAE, list[float]]:
     """A trained RQ-VAE for `x` [items, dim] and its loss per step."""
     x = jnp.asarray(x, jnp.float32)
     key_model, key_kmeans, key_batches = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -108,7 +120,7 @@ def train_rqvae(x: np.ndarray, cfg: QuantizerConfig) -> tuple[RQVAE, list[float]
     return model, [float(v) for v in jax.device_get(losses)]
 
 
-def rq_vae(x: np.ndarray, cfg: QuantizerConfig) -> Quantized:
+def rq_vae(x: np.ndarray, cfg: RQVAESettings) -> Quantized:
     """Train an RQ-VAE on `x` and quantize every item with it.
 
     The model sees `x` scaled to a mean squared row norm of 1: with Adam the codebooks move about one learning

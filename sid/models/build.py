@@ -8,22 +8,23 @@ from typing import Any
 
 import jax
 
-from sid.compat.hf import load_qwen2
 from sid.data.tokenizer import SIDTokenizer
-from sid.meter import TrainFlops
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab, resize_vocab, unpad_vocab
 
 
-def build_model(cfg: ModelConfig, tok: SIDTokenizer) -> tuple[Qwen2, dict[str, Any]]:
+def build_model(cfg: ModelConfig, tok: SIDTokenizer, pretrained: Qwen2 | None = None) -> tuple[Qwen2, dict[str, Any]]:
     """The model with rows for every tokenizer id (valid_vocab = tokenizer size), padded to cfg.vocab_multiple.
 
-    From a checkpoint, ids below the base tokenizer's size keep their trained rows; every id above (the SID
-    tokens) gets a new row per cfg.new_token_init. Rows the checkpoint has beyond its tokenizer (Qwen's 151,936
+    `pretrained` is `cfg.hf_path`'s model, loaded by the caller (`sid.compat.hf.load_qwen2`), or None to initialise
+    from scratch. From a checkpoint, ids below the base tokenizer's size keep their trained rows; every id above
+    (the SID tokens) gets a new row per cfg.new_token_init. Rows the checkpoint has beyond its tokenizer (Qwen's 151,936
     vs ~151.6k tokens) are dropped before padding, so they can never be produced. Returns the vocab_resize record.
     """
-    if cfg.hf_path:
-        model, _ = load_qwen2(cfg.hf_path, cfg)
+    if bool(cfg.hf_path) != (pretrained is not None):
+        raise ValueError(f"model.hf_path={cfg.hf_path!r} needs its loaded model, and only then (pretrained)")
+    if pretrained is not None:
+        model = pretrained
         source = {"checkpoint_rows": int(model.embed.weight.shape[0]), "checkpoint_valid_vocab": model.valid_vocab}
         existing = min(tok.base_vocab_size, model.valid_vocab)
         if tok.vocab_size < existing:
@@ -61,20 +62,3 @@ def token_extension(tok: SIDTokenizer) -> dict[str, Any]:
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
     }
-
-
-def num_params(model: Qwen2) -> int:
-    """Parameters counted once (a tied head is the embedding)."""
-    import equinox as eqx
-
-    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
-
-
-def train_flops(model: Qwen2, seq_len: int) -> TrainFlops:
-    """Training FLOPs: per token, 6 x the layers' matmul params + 12 x layers x (heads x head_dim) x seq_len for
-    attention; per supervised token, 6 x the head's params (counted even when tied; the embedding lookup is not a
-    matmul)."""
-    c = model.config
-    head = model.head_weight().size
-    layers = num_params(model) - model.embed.weight.size - (0 if model.lm_head is None else head)
-    return TrainFlops(6.0 * layers + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len, 6.0 * head)

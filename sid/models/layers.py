@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from sid.mesh import constrain_table, param_split, table_split
+from sid.parallel.trace import constrain_table, param_split, table_split
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 """Config dtype names to JAX dtypes."""
@@ -131,7 +131,7 @@ def vocab_logprobs(
 ) -> Float[Array, "batch *rest n"]:
     """`log_softmax(hidden @ table.T)` over the ids < `valid_vocab`, in float32, read at `tokens` only.
 
-    Under a mesh that splits the table's rows (`sid.mesh.table_split`), each device computes the logits of its own
+    Under a mesh that splits the table's rows (`table_split`), each device computes the logits of its own
     rows only, for the batch rows of every device it shares them with (hidden states gathered over fsdp: a few MB
     when decoding), and the devices combine their partial logsumexps and picked logits (a few floats per
     row). Batch-split logits instead made the partitioner gather the whole table onto every device on every call:

@@ -9,15 +9,17 @@ projections (attn.c_proj, mlp.c_proj) N(0, 0.02/sqrt(2 n_layer)), as in GPT-2. B
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from sid.mesh import constrain_batch, constrain_table
 from sid.models.config import GPTConfig
 from sid.models.layers import DTYPES, LayerNorm, Linear, check_scan_unroll, dropout, scan_layers
+from sid.parallel.rules import PartitionRules
+from sid.parallel.trace import constrain_batch, constrain_table
 
 
 class CausalSelfAttention(eqx.Module):
@@ -106,6 +108,10 @@ class GPT(eqx.Module):
     """Every array has a leading [n_layer] axis (scanned)."""
     ln_f: LayerNorm
     config: GPTConfig = eqx.field(static=True)
+    partition_rules: ClassVar[PartitionRules] = PartitionRules(
+        column=frozenset({"c_attn", "c_fc"}), row=frozenset({"c_proj"}), vocab=frozenset({"wte"})
+    )
+    """tp splits attention heads and MLP width (sid.parallel.rules)."""
 
     @staticmethod
     def init(cfg: GPTConfig, *, key: PRNGKeyArray) -> GPT:

@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from sid.mesh import constrain_batch
 from sid.models.config import ModelConfig
 from sid.models.layers import (
     DTYPES,
@@ -50,6 +50,8 @@ from sid.models.layers import (
     scan_layers,
     vocab_logprobs,
 )
+from sid.parallel.rules import PartitionRules
+from sid.parallel.trace import constrain_batch
 
 SHARED_SEGMENT = -1
 """Segment id of keys visible to every query segment (the prompt's KV during decoding)."""
@@ -101,7 +103,8 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, implementat
         raise ValueError(f"attention='cudnn' needs a GPU backend, not {jax.default_backend()!r}; use 'auto'")
     if implementation not in ("xla", "cudnn"):
         raise ValueError(f"unknown attention implementation {implementation!r}: expected 'auto', 'xla' or 'cudnn'")
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    with jax.numpy_dtype_promotion("standard"):  # jax's XLA path promotes bf16 logits with a float32 constant
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
 def dropout_attention(
@@ -284,6 +287,12 @@ class Qwen2(eqx.Module):
     """Real sizes: vocab_size = embedding rows, head_dim resolved."""
     valid_vocab: int = eqx.field(static=True)
     """Real tokens; logits at ids >= valid_vocab are -inf."""
+    partition_rules: ClassVar[PartitionRules] = PartitionRules(
+        column=frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
+        row=frozenset({"o_proj", "down_proj"}),
+        vocab=frozenset({"embed", "lm_head"}),
+    )
+    """tp splits attention heads and MLP width (sid.parallel.rules)."""
 
     def __check_init__(self):
         rows = self.embed.weight.shape[0]

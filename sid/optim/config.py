@@ -9,6 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sid.optim.adamw import adamw
+from sid.optim.muon import muon as muon_local
+from sid.optim.muon_optax import muon as muon_optax
+from sid.optim.routing import route
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -81,34 +86,14 @@ class OptimizerConfig:
             raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
         adam_kw = dict(b1=self.beta1, b2=self.beta2, eps=self.eps)
         muon_kw = dict(momentum=self.momentum, nesterov=self.nesterov, ns_steps=self.ns_steps)
+        aux = adamw(aux_learning_rate, **adam_kw, weight_decay=self.aux_weight_decay)  # the Muons' non-matrix branch
         if self.name == "adamw":
-            from sid.optim.adamw import adamw
-
             rule = adamw(learning_rate, **adam_kw, weight_decay=self.weight_decay)
         elif self.name == "muon_local":
-            from sid.optim.muon import muon
-
-            rule = muon(
-                learning_rate,
-                aux_learning_rate,
-                **muon_kw,
-                ns_dtype=self.resolved_ns_dtype,
-                ns_method=self.resolved_ns_method,
-                weight_decay=self.weight_decay,
-                **adam_kw,
-                aux_weight_decay=self.aux_weight_decay,
-            )
+            ns = dict(ns_dtype=self.resolved_ns_dtype, ns_method=self.resolved_ns_method)
+            rule = route(muon_local(learning_rate, **muon_kw, **ns, weight_decay=self.weight_decay), aux)
         elif self.name == "muon_optax":
-            from sid.optim.muon_optax import muon
-
-            rule = muon(
-                learning_rate,
-                aux_learning_rate,
-                **muon_kw,
-                weight_decay=self.weight_decay,
-                **adam_kw,
-                aux_weight_decay=self.aux_weight_decay,
-            )
+            rule = route(muon_optax(learning_rate, **muon_kw, weight_decay=self.weight_decay), aux)
         else:
             raise ValueError(f"unknown optimizer {self.name!r}")
         # Clip (and run every moment update) in float32 even if the grads arrive in bfloat16.

@@ -1,4 +1,5 @@
-"""Local Muon (`muon_local`): Keller Jordan's Muon on the stacked hidden matrices, AdamW on everything else.
+"""Local Muon (`muon_local`): Keller Jordan's Muon for the stacked hidden matrices (`sid.optim.routing.route` gives
+AdamW everything else).
 
 For each hidden matrix ``W`` (stored ``[num_layers, out, in]``; any leading axes are batch axes) and gradient ``G``,
 following https://github.com/KellerJordan/Muon:
@@ -44,9 +45,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float
 
-from sid.mesh import split_by_layer, unsplit_by_layer
-from sid.optim.adamw import adamw
-from sid.optim.routing import ADAMW, MUON, label_params
+from sid.parallel.layer_split import split_by_layer, unsplit_by_layer
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 """Keller Jordan's quintic Newton–Schulz coefficients (maximal slope at 0; singular values end in ~[0.7, 1.2])."""
@@ -212,7 +211,6 @@ def scale_by_muon(
 
 def muon(
     learning_rate: optax.ScalarOrSchedule,
-    aux_learning_rate: optax.ScalarOrSchedule,
     *,
     momentum: float,
     nesterov: bool,
@@ -220,13 +218,9 @@ def muon(
     ns_dtype: Literal["bfloat16", "float16", "float32"],
     ns_method: Literal["standard", "gram"],
     weight_decay: float,
-    b1: float,
-    b2: float,
-    eps: float,
-    aux_weight_decay: float,
 ) -> optax.GradientTransformation:
-    """Muon at `learning_rate` on hidden matrices, AdamW at `aux_learning_rate` on the rest (routing.label_params)."""
-    muon_branch = optax.chain(
+    """Muon at `learning_rate`, for the hidden matrices (`sid.optim.routing.route` pairs it with AdamW)."""
+    return optax.chain(
         scale_by_muon(
             momentum=momentum,
             nesterov=nesterov,
@@ -237,5 +231,3 @@ def muon(
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
-    aux_branch = adamw(aux_learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=aux_weight_decay)
-    return optax.partition({MUON: muon_branch, ADAMW: aux_branch}, label_params)

@@ -1,4 +1,5 @@
-"""optax's Muon (`muon_optax`): `optax.contrib.muon` on the stacked hidden matrices, AdamW on everything else.
+"""optax's Muon (`muon_optax`): `optax.contrib.muon` for the stacked hidden matrices (`sid.optim.routing.route`
+gives AdamW everything else).
 
 Dimension numbers. optax assumes ``x @ W`` weights, ``(in, out)``; ours are ``[num_layers, out, in]`` like torch and
 ``eqx.nn.Linear``. So ``reduction_axis=-1`` (in) and ``output_axis=-2`` (out); every other axis (the layer axis) is
@@ -6,7 +7,7 @@ a batch axis that optax vmaps over, so each layer is orthogonalised on its own. 
 ``sqrt(max(1, fan_out/fan_in))`` equal Keller Jordan's ``sqrt(max(1, out/in))``; swapped axes would silently give
 ``sqrt(max(1, in/out))`` instead.
 
-Routing. Hidden matrices are routed to optax's Muon by :func:`sid.optim.routing.label_params`; everything else goes
+Routing. Hidden matrices are routed to optax's Muon by :func:`sid.optim.routing.route`; everything else goes
 to the same AdamW branch as under `muon_local` (:func:`sid.optim.adamw.adamw` at the aux LR), not to optax's
 built-in Adam branch, because that one (a) decays every leaf it owns, norms and biases included, since it takes no
 mask, and (b) is Nesterov-AdamW whenever Muon's `nesterov` is on. Sharing the branch means `muon_local` and
@@ -24,9 +25,9 @@ Differences from `muon_local` (as of optax 0.2.8, all tested in tests/test_optim
   transpose-the-tall-side trick (optax transposes to ``(in, out)`` first, which NS commutes with).
 - Same shape scale and the same decoupled weight decay ``-lr·wd·W`` on the hidden matrices.
 
-Over a mesh, optax's branch runs on layer stacks re-split by layer (:func:`sid.mesh.split_by_layer`, as
-`muon_local` does for its Newton–Schulz): optax's NS has no hook for the layout, and on the params' own split every
-NS step all-gathered and all-reduced partial Gram matrices (1.5B on dp2 x fsdp2 x tp2: 42.6 GB per device per step).
+Over a mesh, optax's branch runs on layer stacks re-split by layer (:func:`sid.parallel.layer_split.split_by_layer`,
+as `muon_local` does for its Newton–Schulz): optax's NS has no hook for the layout, and on the params' own split every
+NS step all-gathered and all-reduced partial Gram matrices (docs/benchmarks.md, "`muon_optax` over a mesh").
 """
 
 from __future__ import annotations
@@ -36,41 +37,29 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from sid.mesh import split_by_layer, unsplit_by_layer
-from sid.optim.adamw import adamw
-from sid.optim.routing import ADAMW, MUON, label_params
+from sid.parallel.layer_split import split_by_layer, unsplit_by_layer
 
 DIMENSION_NUMBERS = optax.contrib.MuonDimensionNumbers(reduction_axis=-1, output_axis=-2)
 """``[..., out, in]``: reduce over `in`, output `out`, leading axes are batch."""
 
 
 def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    aux_learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float,
-    nesterov: bool,
-    ns_steps: int,
-    weight_decay: float,
-    b1: float,
-    b2: float,
-    eps: float,
-    aux_weight_decay: float,
+    learning_rate: optax.ScalarOrSchedule, *, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float
 ) -> optax.GradientTransformation:
-    """optax Muon at `learning_rate` on hidden matrices, AdamW at `aux_learning_rate` on the rest."""
-    # A single dimension-numbers leaf is a prefix of the whole (masked) subtree: every leaf partition hands this
-    # branch is a hidden matrix, so optax's own Adam branch receives nothing.
-    muon_branch = optax.contrib.muon(
-        learning_rate,
-        ns_steps=ns_steps,
-        beta=momentum,
-        weight_decay=weight_decay,
-        mu_dtype=jnp.float32,
-        nesterov=nesterov,
-        muon_weight_dimension_numbers=DIMENSION_NUMBERS,
+    """optax's Muon at `learning_rate`, for the hidden matrices (`sid.optim.routing.route` pairs it with AdamW)."""
+    # One dimension-numbers leaf is a prefix of the whole subtree: every leaf the routing hands this branch is a
+    # hidden matrix, so optax's own Adam branch receives nothing.
+    return by_layer(
+        optax.contrib.muon(
+            learning_rate,
+            ns_steps=ns_steps,
+            beta=momentum,
+            weight_decay=weight_decay,
+            mu_dtype=jnp.float32,
+            nesterov=nesterov,
+            muon_weight_dimension_numbers=DIMENSION_NUMBERS,
+        )
     )
-    aux_branch = adamw(aux_learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=aux_weight_decay)
-    return optax.partition({MUON: by_layer(muon_branch), ADAMW: aux_branch}, label_params)
 
 
 def by_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:

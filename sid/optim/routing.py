@@ -17,24 +17,17 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
+import optax
 
+from sid.pytree import key_name, path_str
 from sid.tables import text_table
 
 MUON = "muon"
 ADAMW = "adamw"
 
 
-def _key_name(key: Any) -> str | None:
-    """The field/key name of one path entry (None for sequence indices)."""
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    return None
-
-
 def _under_layers(path: tuple[Any, ...]) -> bool:
-    return any(_key_name(k) == "layers" for k in path)
+    return any(key_name(k) == "layers" for k in path)
 
 
 def _is_hidden_matrix(path: tuple[Any, ...], leaf: Any) -> bool:
@@ -46,6 +39,11 @@ def _is_matrix(path: tuple[Any, ...], leaf: Any) -> bool:
     return per_layer_ndim >= 2
 
 
+def route(muon_branch: optax.GradientTransformation, adamw_branch: optax.GradientTransformation):
+    """One optimizer from two branches: `muon_branch` on the hidden matrices, `adamw_branch` on every other leaf."""
+    return optax.partition({MUON: muon_branch, ADAMW: adamw_branch}, label_params)
+
+
 def label_params(params: Any) -> Any:
     """A pytree like `params` with ``'muon'`` at every hidden matrix and ``'adamw'`` at every other leaf."""
     return jax.tree_util.tree_map_with_path(lambda p, x: MUON if _is_hidden_matrix(p, x) else ADAMW, params)
@@ -54,15 +52,6 @@ def label_params(params: Any) -> Any:
 def decay_mask(params: Any) -> Any:
     """A pytree like `params` with True where decoupled weight decay applies (matrices), False elsewhere."""
     return jax.tree_util.tree_map_with_path(_is_matrix, params)
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-    """A dotted, human-readable parameter path, e.g. ``layers.attn.q_proj.weight``."""
-    parts = []
-    for k in path:
-        name = _key_name(k)
-        parts.append(name if name is not None else str(getattr(k, "idx", k)))
-    return ".".join(parts)
 
 
 def routing_table(params: Any, *, optimizer: Literal["adamw", "muon_local", "muon_optax"] = "muon_local") -> str:

@@ -101,15 +101,8 @@ def grpo_loss(
         else:
             loss_sum, count = (per_token * m).sum(), tokens
         ratio_sum, ratio_units, clipped = (ratio * m).sum(), tokens, (took_clip & mask).sum(dtype=jnp.int32)
-    stats = {
-        "kl_sum": completion_mean(kl).sum(),
-        "completions": completions,
-        "tokens": tokens,
-        "ratio_sum": ratio_sum,
-        "ratio_units": ratio_units,
-        "clipped": clipped,
-    }
-    return loss_sum, count, stats
+    stats = dict(kl_sum=completion_mean(kl).sum(), completions=completions, tokens=tokens)
+    return loss_sum, count, stats | dict(ratio_sum=ratio_sum, ratio_units=ratio_units, clipped=clipped)
 
 
 def completion_logprobs(
