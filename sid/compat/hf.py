@@ -248,7 +248,7 @@ def _hf_config(model: Qwen2, dtype: str, eos_id: int | None) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "use_sliding_window": False,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attention_dropout,
         "initializer_range": cfg.init_std,
         "torch_dtype": dtype,
         "eos_token_id": eos_id,
