@@ -67,10 +67,10 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     """Compile every bucket, warm up, then one timed pass of sharded beam search over all prompts."""
     import jax
 
+    from sid.config import MeshConfig
     from sid.eval.beam import sharded_beam_search
     from sid.eval.runner import bucketed_batches
     from sid.eval.trie import build_trie
-    from sid.mesh import MeshConfig
     from sid.models.build import build_model
     from sid.parallel.mesh import data_parallel_size, make_mesh
     from sid.parallel.rules import param_shardings

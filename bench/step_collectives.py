@@ -71,8 +71,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from sid.config import MeshConfig
     from sid.hlo import hlo_collectives, partitioned_hlo
-    from sid.mesh import MeshConfig
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
@@ -129,10 +129,10 @@ def measure_beam(spec: dict[str, Any]) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
+    from sid.config import MeshConfig
     from sid.eval.beam import sharded_beam_search
     from sid.eval.trie import build_trie
     from sid.hlo import hlo_collectives, partitioned_hlo
-    from sid.mesh import MeshConfig
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.parallel.mesh import batch_sharding, data_parallel_size, make_mesh
     from sid.parallel.rules import param_shardings

@@ -76,7 +76,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     import sid.loss
-    from sid.mesh import MeshConfig
+    from sid.config import MeshConfig
     from sid.meter import peak_flops_per_device
     from sid.models.flops import train_flops
     from sid.models.qwen2 import Qwen2, pad_vocab

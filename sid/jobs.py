@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sid.config import MeshConfig, SampleConfig, TrainConfig, WandbConfig
 from sid.data.config import CharDataConfig, DataConfig, TasksConfig, TokenizerConfig
 from sid.eval.config import EvalConfig
-from sid.mesh import MeshConfig
+from sid.index.config import EmbedConfig, OutputConfig, QuantizerConfig
 from sid.models.config import GPTConfig, ModelConfig
 from sid.optim.config import OptimizerConfig
-from sid.tracking import WandbConfig
-from sid.trainer_config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -44,22 +43,6 @@ class EvalJob:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    """Text sampled from the best checkpoint."""
-
-    num_samples: int = 1
-    """How many samples."""
-    max_new_tokens: int = 500
-    """Characters per sample."""
-    temperature: float = 0.8
-    """Softmax temperature."""
-    top_k: int = 200
-    """Sample among the k most likely tokens (0: all)."""
-    prompt: str = "\n"
-    """Start text."""
-
-
-@dataclass(frozen=True)
 class NanoGPTJob:
     """Train Karpathy's nanoGPT on character-level text with the shared trainer (the regression workload)."""
 
@@ -70,3 +53,14 @@ class NanoGPTJob:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+@dataclass(frozen=True)
+class IndexJob:
+    """Build semantic IDs: embed the items, quantize the embeddings residually, make the SIDs unique, write them
+    in MiniOneRec's format."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

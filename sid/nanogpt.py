@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sid.config import run_cli
+from sid.config import SampleConfig, run_cli
 from sid.data.chars import CharBatchIterator, CharData
-from sid.jobs import NanoGPTJob, SampleConfig
+from sid.jobs import NanoGPTJob
 from sid.loss import cross_entropy_sum
 from sid.models.flops import train_flops
 from sid.models.layers import DTYPES

@@ -4,31 +4,14 @@ given the run directory, a `wandb` section in run_summary.json saying why)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from sid.config import WandbConfig
 
 if TYPE_CHECKING:
     from sid.run import RunDir
 
 log = logging.getLogger("sid")
-
-
-@dataclass(frozen=True)
-class WandbConfig:
-    """Weights & Biases logging. The API key comes from the environment or a .env file, never a config."""
-
-    mode: Literal["online", "offline", "disabled"] = "disabled"
-    """online, offline (sync later), or disabled."""
-    project: str = "sid"
-    """W&B project."""
-    entity: str | None = None
-    """W&B entity (team); None: the key's default."""
-    name: str | None = None
-    """Run name; None: the run directory's name."""
-    tags: tuple[str, ...] = ()
-    """Run tags."""
-    init_timeout_s: float = 30.0
-    """Seconds W&B may take to start (online: to log in and reach the server) before the run goes on without it."""
 
 
 class Tracker:

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 
 from sid.compat.hf import export_qwen2, load_qwen2
-from sid.config import ConfigError, run_cli
+from sid.config import ConfigError, TrainConfig, run_cli
 from sid.data.dataset import dataset_dir, load_split, load_tokenizer
 from sid.data.pipeline import BatchPlan
 from sid.data.tasks import build_sft_samples, encode_all, eval_prompts
@@ -34,7 +34,6 @@ from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
 from sid.run import RunDir, load_dotenv
 from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer
-from sid.trainer_config import TrainConfig
 
 log = logging.getLogger("sid")
 

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
-from sid.config import ConfigError
+from sid.config import ConfigError, TrainConfig
 from sid.meter import Meter, log_step_memory
 from sid.models.flops import TrainFlops
 from sid.optim.config import OptimizerConfig
@@ -32,7 +32,6 @@ from sid.run import RunDir, require_shared_directory
 from sid.selection import SELECT_KEYS, Evaluator, Selection, due
 from sid.step import LossFn, init_state, make_train_step, step_memory_bytes, to_global
 from sid.tracking import Tracker
-from sid.trainer_config import TrainConfig
 
 log = logging.getLogger("sid")
 

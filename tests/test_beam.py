@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sid.config import MeshConfig
 from sid.eval.beam import beam_search, sharded_beam_search
 from sid.eval.trie import build_trie
 from sid.hlo import hlo_collectives, partitioned_hlo
-from sid.mesh import MeshConfig
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab
 from sid.parallel.mesh import make_mesh

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from sid.config import ConfigError, cli, from_dict, load_yaml
-from sid.index.config import IndexJob
-from sid.jobs import EvalJob, NanoGPTJob, TrainJob
+from sid.jobs import EvalJob, IndexJob, NanoGPTJob, TrainJob
 
 # A bare environment (no user settings leak in), keeping PYTHONPATH for checkouts run without installing.
 CHILD_ENV = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"} | (

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from sid.data.config import DataConfig
+from sid.data.dataset import load_split
 from sid.data.minionerec import Interaction, read_index
 from sid.data.synthetic import write_synthetic
-from sid.data.dataset import load_split
 from sid.index.__main__ import main as index_main
 from sid.index.build import relative_error
 from sid.index.collisions import CollisionError, codebook_use, collision_stats, extra_level, make_unique, reassign

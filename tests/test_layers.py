@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from sid.mesh import MeshConfig
+from sid.config import MeshConfig
 from sid.models.layers import Embedding, Linear, _affine, scan_layers, vocab_logprobs
 from sid.parallel.mesh import batch_sharding, make_mesh
 from sid.parallel.trace import table_split, traced_on

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import sid.loss
+from sid.config import MeshConfig
 from sid.data.pipeline import NO_TASK, BatchPlan
 from sid.data.tasks import TASKS
 from sid.loss import cross_entropy_by_task, cross_entropy_sum, sft_loss
-from sid.mesh import MeshConfig
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
 from sid.parallel.mesh import make_mesh

@@ -16,9 +16,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sid.loss
+from sid.config import MeshConfig
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
 from sid.loss import sft_loss
-from sid.mesh import MeshConfig
 from sid.models.config import GPTConfig, ModelConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2

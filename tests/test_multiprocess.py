@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sid.config import ConfigError
-from sid.mesh import MeshConfig
+from sid.config import ConfigError, MeshConfig
 from sid.parallel.distributed import init_distributed
 from sid.parallel.mesh import make_mesh
 

@@ -24,15 +24,13 @@ import pytest
 from test_trainer import ToyBatches, run_fit, toy_loss, toy_model
 
 from sid.checkpoint import Checkpointer, CheckpointError, abstract_like, all_finite
-from sid.config import ConfigError, from_dict
+from sid.config import ConfigError, MeshConfig, TrainConfig, WandbConfig, from_dict
 from sid.errors import NonFiniteLoss
 from sid.eval.config import EvalConfig
-from sid.mesh import MeshConfig
 from sid.parallel.mesh import make_mesh
 from sid.run import RunDir
 from sid.step import init_state
-from sid.tracking import Tracker, WandbConfig
-from sid.trainer_config import TrainConfig
+from sid.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
@@ -343,7 +341,7 @@ from sid.eval.predictions import write_predictions
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
 from sid.run import RunDir
-from sid.trainer_config import TrainConfig
+from sid.config import TrainConfig
 
 out = Path(sys.argv[1])
 run = RunDir(out, TrainConfig(output_dir=str(out)))

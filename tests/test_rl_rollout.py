@@ -9,7 +9,7 @@ import pytest
 from test_beam import EOS, NEWLINE, _catalog, _model, _prompts
 from test_rl_rewards import P0, P2
 
-from sid.mesh import MeshConfig
+from sid.config import MeshConfig
 from sid.parallel.mesh import make_mesh
 from sid.rl.advantages import group_advantages
 from sid.rl.loss import completion_logprobs, make_loss_fn

@@ -8,9 +8,9 @@ import types
 
 import pytest
 
+from sid.config import TrainConfig, WandbConfig
 from sid.run import RunDir, load_dotenv
-from sid.tracking import Tracker, WandbConfig
-from sid.trainer_config import TrainConfig
+from sid.tracking import Tracker
 
 
 def test_dotenv_sets_missing_variables_only(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_beam import _catalog, _exhaustive, _model, _prompts
 
+from sid.config import MeshConfig
 from sid.eval.beam import beam_search
 from sid.eval.sampling import constrained_sample, sharded_constrained_sample
-from sid.mesh import MeshConfig
 from sid.parallel.mesh import make_mesh
 from sid.parallel.rules import param_shardings
 

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from test_trainer import ToyBatches, run_fit
 
-from sid.config import ConfigError
+from sid.config import ConfigError, TrainConfig
 from sid.eval.config import EvalConfig
 from sid.selection import Selection, due
 from sid.train import check_selection
-from sid.trainer_config import TrainConfig
 
 
 def scripted(selection: Selection, values: dict[int, float]) -> list[bool]:

@@ -12,17 +12,16 @@ import numpy as np
 import optax
 import pytest
 
+from sid.config import MeshConfig, TrainConfig, WandbConfig
 from sid.errors import NonFiniteLoss
 from sid.loss import cross_entropy_sum
-from sid.mesh import MeshConfig
 from sid.models.flops import TrainFlops
 from sid.parallel.mesh import make_mesh
 from sid.parallel.report import format_bytes
 from sid.run import RunDir
 from sid.step import init_state, make_train_step, to_global
-from sid.tracking import Tracker, WandbConfig
+from sid.tracking import Tracker
 from sid.trainer import fit
-from sid.trainer_config import TrainConfig
 
 VOCAB, WIDTH, ROWS, LEN = 48, 16, 16, 8
 

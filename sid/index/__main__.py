@@ -7,7 +7,7 @@ import sys
 
 from sid.config import run_cli
 from sid.index.build import run_index
-from sid.index.config import IndexJob
+from sid.jobs import IndexJob
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,13 @@ import numpy as np
 
 from sid.config import ConfigError
 from sid.data.config import DataConfig
-from sid.data.minionerec import Interaction
 from sid.data.dataset import load_split, synthetic_dir
+from sid.data.minionerec import Interaction
 from sid.index.collisions import codebook_use, collision_stats, make_unique
-from sid.index.config import EmbedConfig, IndexJob
+from sid.index.config import EmbedConfig
 from sid.index.embed import check_embeddings, collaborative, load_npy
 from sid.index.write import copy_file, rewrite_csv, write_atomic, write_index, write_info
+from sid.jobs import IndexJob
 from sid.paths import resolve
 
 logger = logging.getLogger(__name__)

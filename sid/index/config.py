@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from sid.data.config import DataConfig
 from sid.index.collisions import Fix
 from sid.index.residual import Quantized
 
@@ -108,14 +107,3 @@ class OutputConfig:
     dataset_files: bool = True
     """Also write what the readers need beside the index: LETTER's inter.json; MiniOneRec's item.json, info.txt
     and every split CSV with its SID columns rewritten."""
-
-
-@dataclass(frozen=True)
-class IndexJob:
-    """Build semantic IDs: embed the items, quantize the embeddings residually, make the SIDs unique, write them
-    in MiniOneRec's format."""
-
-    data: DataConfig = field(default_factory=DataConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)

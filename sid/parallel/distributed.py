@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import jax
 
+from sid.config import MeshConfig
 from sid.errors import ConfigError
-from sid.mesh import MeshConfig
 
 
 def init_distributed(cfg: MeshConfig) -> None:

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sid.config import MeshConfig
 from sid.errors import ConfigError
-from sid.mesh import MeshConfig
 
 AXES = ("dp", "fsdp", "tp")
 BATCH_AXES = ("dp", "fsdp")
