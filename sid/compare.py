@@ -307,7 +307,31 @@ def render_report(
 ) -> str:
     """The markdown report. `configs` maps train_a/train_b/eval_a/eval_b to preset paths (None: not given)."""
     lines = [f"# A/B comparison: A = {label_a}, B = {label_b}", ""]
+    lines += _runs_section(a, b, label_a, label_b, configs)
+    problems = [(label, p) for label, r in (("A", a), ("B", b)) for p in r.problems]
+    if problems:
+        lines += ["## Missing or partial results", ""]
+        lines += [f"- **{label}**: {p}" for label, p in problems]
+        lines.append("")
     lines += [
+        "## Metrics",
+        "",
+        "Δ = B − A; Δ% relative to A. Step time and tokens/s exclude the first (compiling) step.",
+        "",
+        "| metric | A | B | Δ (B−A) | Δ% |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    rows = metric_rows(a, b)
+    lines += [format_row(row) for row in rows] if rows else ["| (no metrics in either run) | | | | |"]
+    lines.append("")
+    lines += ["## Loss curves", ""]
+    lines += [f"![loss curves]({plot})" if plot else "No loss curve in either run's metrics.jsonl.", ""]
+    return "\n".join(lines + _config_section(a, b) + _versions_section(a, b))
+
+
+def _runs_section(a: RunResult, b: RunResult, label_a: str, label_b: str, configs: dict[str, str | None]) -> list:
+    """The table of what is compared: labels, run directories, git shas, presets, where the eval numbers come from."""
+    lines = [
         "| | A | B |",
         "|---|---|---|",
         f"| label | {label_a} | {label_b} |",
@@ -320,30 +344,12 @@ def render_report(
         if ca or cb:
             lines.append(f"| {kind} config | `{ca or '—'}` | `{cb or '—'}` |")
     sources = [f"`{r.eval_source}`" if r.eval_source else "—" for r in (a, b)]
-    lines += [f"| eval numbers from | {sources[0]} | {sources[1]} |", ""]
+    return lines + [f"| eval numbers from | {sources[0]} | {sources[1]} |", ""]
 
-    problems = [(label, p) for label, r in (("A", a), ("B", b)) for p in r.problems]
-    if problems:
-        lines += ["## Missing or partial results", ""]
-        lines += [f"- **{label}**: {p}" for label, p in problems]
-        lines.append("")
 
-    lines += [
-        "## Metrics",
-        "",
-        "Δ = B − A; Δ% relative to A. Step time and tokens/s exclude the first (compiling) step.",
-        "",
-        "| metric | A | B | Δ (B−A) | Δ% |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    rows = metric_rows(a, b)
-    lines += [format_row(row) for row in rows] if rows else ["| (no metrics in either run) | | | | |"]
-    lines.append("")
-
-    lines += ["## Loss curves", ""]
-    lines += [f"![loss curves]({plot})" if plot else "No loss curve in either run's metrics.jsonl.", ""]
-
-    lines += ["## Config differences", ""]
+def _config_section(a: RunResult, b: RunResult) -> list:
+    """The train and eval config keys that differ between the runs."""
+    lines = ["## Config differences", ""]
     for title, da, db in (
         ("Train (run_summary.json)", _setup(a.summary), _setup(b.summary)),
         ("Eval (eval/run_summary.json)", a.eval_config, b.eval_config),
@@ -359,15 +365,19 @@ def render_report(
         lines += [f"{title}:", "", "| key | A | B |", "|---|---|---|"]
         lines += [f"| {key} | {_cell(va)} | {_cell(vb)} |" for key, va, vb in diff]
         lines.append("")
+    return lines
 
+
+def _versions_section(a: RunResult, b: RunResult) -> list:
+    """Package versions side by side, those that differ marked."""
     va, vb = ((r.summary or {}).get("versions") or {} for r in (a, b))
-    if va or vb:
-        lines += ["## Versions", "", "| package | A | B |", "|---|---|---|"]
-        for key in sorted(va.keys() | vb.keys()):
-            mark = "" if va.get(key) == vb.get(key) else " ≠"
-            lines.append(f"| {key}{mark} | {va.get(key, '—')} | {vb.get(key, '—')} |")
-        lines.append("")
-    return "\n".join(lines)
+    if not (va or vb):
+        return []
+    lines = ["## Versions", "", "| package | A | B |", "|---|---|---|"]
+    for key in sorted(va.keys() | vb.keys()):
+        mark = "" if va.get(key) == vb.get(key) else " ≠"
+        lines.append(f"| {key}{mark} | {va.get(key, '—')} | {vb.get(key, '—')} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
