@@ -37,7 +37,8 @@ class CausalSelfAttention(eqx.Module):
         b, t, c = x.shape
         q, k, v = (z.reshape(b, t, self.n_head, c // self.n_head) for z in jnp.split(self.c_attn(x), 3, axis=-1))
         if key is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            with jax.numpy_dtype_promotion("standard"):  # jax's XLA path promotes bf16 logits with a float32 constant
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         else:
             # dot_product_attention cannot drop attention weights, so training with dropout spells it out.
             key, k_attn = jax.random.split(key)
