@@ -180,9 +180,15 @@ def _release_waiting_save_threads() -> None:
 
 
 def all_finite(tree: Any) -> bool:
-    """Whether every floating-point leaf of `tree` is finite (one device-to-host transfer)."""
+    """Whether every floating-point leaf of `tree` is finite: one compiled reduction and one transfer. (Eager ops,
+    one per leaf, on arrays spread over several processes hung a two-process resume.)"""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-    return bool(jax.device_get(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])))) if leaves else True
+    return bool(jax.device_get(_all_finite(leaves))) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def error_line(e: BaseException, limit: int = 300) -> str:
