@@ -180,10 +180,11 @@ class _ChunkLoss:
     def dlogits(self, logits: Array, lse: Array, targets: Array) -> Array:
         """d(loss)/d(logits) = softmax - the smoothed one-hot, 0 on rows without a target; in the compute dtype."""
         ids = jnp.arange(self.vocab)[None, :]
-        target = (1.0 - self.smoothing) * (ids == targets[:, None])
+        target = (1.0 - self.smoothing) * (ids == targets[:, None]).astype(jnp.float32)
         if self.smoothing:
-            target = target + (self.smoothing / self.valid_vocab) * (ids < self.valid_vocab)
-        return ((jnp.exp(logits - lse[:, None]) - target) * (targets >= 0)[:, None]).astype(self.compute_dtype)
+            target = target + (self.smoothing / self.valid_vocab) * (ids < self.valid_vocab).astype(jnp.float32)
+        supervised = (targets >= 0)[:, None].astype(jnp.float32)
+        return ((jnp.exp(logits - lse[:, None]) - target) * supervised).astype(self.compute_dtype)
 
 
 def _chunked_loss(spec: _ChunkLoss, num_chunks: int):
