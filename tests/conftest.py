@@ -37,6 +37,9 @@ STANDARD_PROMOTION = {
     "test_bench": "optax Adam (benchmarks' train steps)",
     "test_ops": "optax Adam (training in process)",
     "test_multiprocess": "optax Adam (training in process)",
+    "test_selection": "optax Adam (training in process)",
+    "test_reliability": "optax Adam (training in process)",
+    "test_index": "optax Adam (the RQ-VAE)",
 }
 
 
