@@ -15,18 +15,17 @@ from pathlib import Path
 
 import jax
 
-from sid.compat.hf import export_qwen2
-from sid.config import ConfigError, run_cli
+from sid.config import ConfigError
 from sid.data.config import TokenizerConfig
 from sid.data.pipeline import BatchPlan
 from sid.data.tasks import build_sft_samples, encode_all, eval_prompts, load_split, synthetic_dir
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
 from sid.eval.config import EvalConfig
 from sid.eval.held_out import HeldOutLoss, ValidRanking
-from sid.eval.runner import evaluate
-from sid.jobs import TrainJob
+from sid.handoff import hand_on, stage_main
+from sid.jobs import RLJob, TrainJob
 from sid.loss import sft_loss
-from sid.mesh import data_parallel_size, init_distributed, make_mesh, to_host, tp_head_warning
+from sid.mesh import data_parallel_size, init_distributed, make_mesh, tp_head_warning
 from sid.models.build import build_model, num_params, token_extension, train_flops
 from sid.models.qwen2 import Qwen2
 from sid.paths import resolve
@@ -81,8 +80,9 @@ def check_selection(cfg: TrainConfig, eval_cfg: EvalConfig) -> None:
             raise ConfigError(f"train.{name}={getattr(cfg, name)} must be >= 0")
 
 
-def sft_evaluators(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path, loss_fn) -> list:
-    """The held-out loss on every enabled task of the valid split, and the ranking of a fixed valid subset."""
+def sft_evaluators(job: TrainJob | RLJob, tok: SIDTokenizer, mesh, run_dir: Path, loss_fn) -> list:
+    """The held-out loss on every enabled task of the valid split, and the ranking of a fixed valid subset (the SFT
+    and the RL stage's evaluators)."""
     cfg, evaluators = job.train, []
     if not (cfg.eval_loss_every or cfg.valid_rank_every):
         return evaluators
@@ -110,7 +110,7 @@ def run_train(job: TrainJob) -> dict:
     tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
-    rows_data, catalog, bad_rows = _train_split(job, run)
+    rows_data, catalog, bad_rows = train_split(job, run)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job, run.path), job.data.data_root)
     model = _model(job, tok, mesh, run)
     run.update(data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
@@ -133,15 +133,11 @@ def run_train(job: TrainJob) -> dict:
         evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),  # held-out loss without smoothing
     )  # fmt: skip
     run.update(train={**train, "effective_batch_size": global_rows, "steps_per_epoch": plan.steps_per_epoch})
-    if train.get("preempted_at") is None:
-        _export_and_evaluate(job, model, tok, mesh, run, tracker)
-    else:
-        run.update(status="preempted", exit_code=PREEMPTED_EXIT_CODE)
-    tracker.finish()
+    hand_on(job, model, train, tok, mesh, run, tracker)
     return run.summary
 
 
-def _train_split(job: TrainJob, run: RunDir):
+def train_split(job, run: RunDir):
     """The train split's rows, catalog and skipped rows; no usable row is an error (else the alignment samples alone
     would train, or the batch plan fail without saying why)."""
     rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
@@ -171,25 +167,8 @@ def _model(job: TrainJob, tok: SIDTokenizer, mesh, run: RunDir) -> Qwen2:
     return model
 
 
-def _export_and_evaluate(job: TrainJob, model: Qwen2, tok: SIDTokenizer, mesh, run: RunDir, tracker) -> None:
-    """The HF export of the model the run hands on (RUN_DIR/model), then the test eval (eval.enabled)."""
-    host_model = to_host(model)  # a collective on multi-host runs: every process takes part
-    if run.main:
-        export_qwen2(host_model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
-    if job.eval.enabled:
-        run.update(eval=evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker))
-
-
-PREEMPTED_EXIT_CODE = 75
-"""Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: run it again with
---train.resume); run_summary.json then says status: preempted. 0: finished; 1: stopped (non-finite loss, a
-checkpoint that cannot be written); 2: bad input."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    summary: dict = {}
-    rc = run_cli(TrainJob, lambda job: summary.update(run_train(job)), argv)
-    return PREEMPTED_EXIT_CODE if rc == 0 and summary.get("status") == "preempted" else rc
+    return stage_main(TrainJob, run_train, argv)
 
 
 if __name__ == "__main__":
