@@ -83,7 +83,8 @@ def task_losses(m: dict[str, Any]) -> dict[str, float]:
 
 
 class Meter:
-    """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end."""
+    """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end.
+    Each record also holds `step_stats(step metrics)`: the per-task losses by default (SFT), the GRPO figures in RL."""
 
     def __init__(
         self,
@@ -173,15 +174,15 @@ class Meter:
         if step % self.log_every and step != self.total:
             return
         self.run.append_metrics(record)
-        tasks = {f"train/{k}": v for k, v in extra.items()}
+        extra_logged = {f"train/{k}": v for k, v in extra.items()}
         logged = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"]}
         perf = {"perf/tokens_per_s": self.tokens_per_s, **({"perf/mfu": mfu} if mfu is not None else {})}
-        self.tracker.log({**logged, **tasks, **perf}, step)
+        self.tracker.log({**logged, **extra_logged, **perf}, step)
         if self.bar is None:
-            per_task = "".join(f" {k} {v:.4f}" for k, v in extra.items())
+            extra_text = "".join(f" {k} {v:.4f}" for k, v in extra.items())
             log.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f tok/s %.0f%s",
-                *(step, self.total, record["loss"], record["lr"], record["grad_norm"], self.tokens_per_s, per_task),
+                *(step, self.total, record["loss"], record["lr"], record["grad_norm"], self.tokens_per_s, extra_text),
             )
 
     def summary(self) -> dict[str, Any]:

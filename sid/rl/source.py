@@ -51,7 +51,9 @@ def placed_copy(model, mesh):
     policy's buffers, so a reference model must never share them."""
     params, static = eqx.partition(model, eqx.is_array)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=param_shardings(params, mesh))
-    return eqx.combine(copy(params), static)
+    # Done before returning: on simulated CPU devices, this copy still running beside the next collective program
+    # (the trainer's checkpoint check on resume) once left that program's all-reduce waiting forever.
+    return eqx.combine(jax.block_until_ready(copy(params)), static)
 
 
 class RolloutSource:
