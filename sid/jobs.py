@@ -10,6 +10,7 @@ from sid.eval.config import EvalConfig
 from sid.index.config import EmbedConfig, OutputConfig, QuantizerConfig
 from sid.models.config import GPTConfig, ModelConfig
 from sid.optim.config import OptimizerConfig
+from sid.rl.config import RLConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,22 @@ class TrainJob:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
+class RLJob:
+    """Improve an SFT model's next-SID ranking with GRPO on its own trie-constrained rollouts, then evaluate it."""
+
+    rl: RLConfig = field(default_factory=RLConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/rl"))
     eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)

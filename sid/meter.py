@@ -68,7 +68,8 @@ def task_losses(m: dict[str, Any]) -> dict[str, float]:
 
 
 class Meter:
-    """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end."""
+    """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end.
+    Each record also holds `step_stats(step metrics)`: the per-task losses by default (SFT), the GRPO figures in RL."""
 
     def __init__(
         self,
@@ -82,9 +83,11 @@ class Meter:
         n_devices: int,
         progress_bar: bool,
         last_good: Callable[[], str],
+        step_stats: Callable[[dict[str, Any]], dict[str, float]] = task_losses,
     ):
         self.run, self.tracker, self.total, self.start, self.log_every = run, tracker, total_steps, start, log_every
         self.flops, self.n_devices, self.peak, self.last_good = flops, n_devices, peak_flops_per_device(), last_good
+        self.step_stats = step_stats
         self.pending: tuple[int, Any] | None = None
         self.tokens = self.targets = self.timed_steps = 0
         self.timed_s, self.last_loss = 0.0, float("nan")
@@ -121,8 +124,9 @@ class Meter:
             self.timed_s += dt
             self.timed_steps += 1
         record = {"step": step, "loss": self.last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
-        record.update(tokens_per_s=self.tokens_per_s, step_time_s=dt, mfu=self.mfu, **task_losses(m))
-        self._show(record)
+        extra = self.step_stats(m)
+        record.update(tokens_per_s=self.tokens_per_s, step_time_s=dt, mfu=self.mfu, **extra)
+        self._show(record, extra)
 
     def _check_finite(self, step: int, m: dict[str, Any]) -> None:
         # A finite loss can still come with NaN gradients or an overflowing update, which poison the params the step
@@ -144,7 +148,7 @@ class Meter:
             return None
         return self.flops(self.tokens, self.targets) / self.timed_s / (self.peak * self.n_devices)
 
-    def _show(self, record: dict[str, Any]) -> None:
+    def _show(self, record: dict[str, Any], extra: dict[str, float]) -> None:
         step, mfu = record["step"], record["mfu"]
         if self.bar is not None:
             post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{self.tokens_per_s:,.0f}"}
@@ -155,15 +159,15 @@ class Meter:
         if step % self.log_every and step != self.total:
             return
         self.run.append_metrics(record)
-        tasks = {f"train/{k}": v for k, v in record.items() if k.startswith("loss/")}
+        extra_logged = {f"train/{k}": v for k, v in extra.items()}
         logged = {"train/loss": record["loss"], "train/lr": record["lr"], "train/grad_norm": record["grad_norm"]}
         perf = {"perf/tokens_per_s": self.tokens_per_s, **({"perf/mfu": mfu} if mfu is not None else {})}
-        self.tracker.log({**logged, **tasks, **perf}, step)
+        self.tracker.log({**logged, **extra_logged, **perf}, step)
         if self.bar is None:
-            per_task = "".join(f" {k} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))
+            extra_text = "".join(f" {k} {v:.4f}" for k, v in extra.items())
             log.info(
                 "step %d/%d loss %.4f lr %.2e grad_norm %.3f tok/s %.0f%s",
-                *(step, self.total, record["loss"], record["lr"], record["grad_norm"], self.tokens_per_s, per_task),
+                *(step, self.total, record["loss"], record["lr"], record["grad_norm"], self.tokens_per_s, extra_text),
             )
 
     def summary(self) -> dict[str, Any]:

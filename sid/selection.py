@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sid.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sid.config import TrainConfig
+    from sid.eval.config import EvalConfig
 
 SELECT_KEYS = {"loss": "eval_loss", "ndcg@10": "valid/ndcg@10", "hr@10": "valid/hr@10"}
 """`train.select_by` -> the evaluation result it reads (the held-out loss keeps metrics.jsonl's `eval_loss` key)."""
@@ -74,3 +80,18 @@ class Selection:
         if self.best_step is None:
             return None
         return {"step": self.best_step, "metric": self.metric, "value": self.best_value, "valid": self.best_results}
+
+
+def check_selection(cfg: TrainConfig, eval_cfg: EvalConfig) -> None:
+    """Refuse, before anything runs, a selection that no evaluation would ever feed."""
+    needs = {"loss": ("eval_loss_every", cfg.eval_loss_every), "ndcg@10": ("valid_rank_every", cfg.valid_rank_every)}
+    needs["hr@10"] = needs["ndcg@10"]
+    if cfg.select_by != "none" and not needs[cfg.select_by][1]:
+        raise ConfigError(f"train.select_by={cfg.select_by} needs train.{needs[cfg.select_by][0]} > 0")
+    if cfg.select_by in ("ndcg@10", "hr@10") and 10 not in eval_cfg.topk:
+        raise ConfigError(f"train.select_by={cfg.select_by} needs 10 in eval.topk {eval_cfg.topk}")
+    if cfg.early_stop_patience and cfg.select_by == "none":
+        raise ConfigError("train.early_stop_patience needs train.select_by")
+    for name in ("valid_rank_every", "valid_rank_samples", "early_stop_patience", "eval_loss_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(cfg, name)} must be >= 0")

@@ -10,77 +10,28 @@ import functools
 import logging
 import math
 import sys
-from pathlib import Path
 
 import jax
 
-from sid.compat.hf import export_qwen2, load_qwen2
-from sid.config import ConfigError, TrainConfig, run_cli
-from sid.data.dataset import dataset_dir, load_split, load_tokenizer
-from sid.data.pipeline import BatchPlan
-from sid.data.tasks import build_sft_samples, encode_all, eval_prompts
+from sid.compat.hf import load_qwen2
+from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
+from sid.data.tasks import build_sft_samples, sft_plan
 from sid.data.tokenizer import SIDTokenizer
-from sid.eval.config import EvalConfig
-from sid.eval.held_out import HeldOutLoss, ValidRanking
-from sid.eval.runner import evaluate
+from sid.eval.held_out import sft_evaluators
+from sid.handoff import hand_on, stage_main
 from sid.jobs import TrainJob
 from sid.loss import sft_loss
 from sid.models.build import build_model, token_extension
 from sid.models.flops import num_params, train_flops
 from sid.models.qwen2 import Qwen2
 from sid.parallel.distributed import init_distributed
-from sid.parallel.host import to_host
 from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
 from sid.run import RunDir, load_dotenv
+from sid.selection import check_selection
 from sid.tracking import Tracker
 from sid.trainer import check_output_dir, fit, make_optimizer
 
 log = logging.getLogger("sid")
-
-
-def sft_plan(job: TrainJob, tok: SIDTokenizer, samples, rows_per_step: int) -> BatchPlan:
-    """Samples -> the batch plan of the config's layout (packed rows or length buckets)."""
-    return BatchPlan(
-        encode_all(samples, tok, job.data.max_len),
-        rows_per_step=rows_per_step,
-        max_len=job.data.max_len,
-        pack=job.data.pack,
-        buckets=job.data.length_buckets,
-    )
-
-
-def check_selection(cfg: TrainConfig, eval_cfg: EvalConfig) -> None:
-    """Refuse, before anything runs, a selection that no evaluation would ever feed."""
-    needs = {"loss": ("eval_loss_every", cfg.eval_loss_every), "ndcg@10": ("valid_rank_every", cfg.valid_rank_every)}
-    needs["hr@10"] = needs["ndcg@10"]
-    if cfg.select_by != "none" and not needs[cfg.select_by][1]:
-        raise ConfigError(f"train.select_by={cfg.select_by} needs train.{needs[cfg.select_by][0]} > 0")
-    if cfg.select_by in ("ndcg@10", "hr@10") and 10 not in eval_cfg.topk:
-        raise ConfigError(f"train.select_by={cfg.select_by} needs 10 in eval.topk {eval_cfg.topk}")
-    if cfg.early_stop_patience and cfg.select_by == "none":
-        raise ConfigError("train.early_stop_patience needs train.select_by")
-    for name in ("valid_rank_every", "valid_rank_samples", "early_stop_patience", "eval_loss_every"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"train.{name}={getattr(cfg, name)} must be >= 0")
-
-
-def sft_evaluators(job: TrainJob, tok: SIDTokenizer, mesh, run_dir: Path, loss_fn) -> list:
-    """The held-out loss on every enabled task of the valid split, and the ranking of a fixed valid subset."""
-    cfg, evaluators = job.train, []
-    if not (cfg.eval_loss_every or cfg.valid_rank_every):
-        return evaluators
-    interactions, catalog, _ = load_split(job.data, "valid", run_dir=run_dir)
-    if cfg.eval_loss_every:
-        samples = build_sft_samples(interactions, catalog, job.tasks, job.data.category_text)
-        plan = sft_plan(job, tok, samples, cfg.per_device_batch_size * data_parallel_size(mesh))
-        every, batches = cfg.eval_loss_every, cfg.eval_loss_batches
-        evaluators.append(HeldOutLoss(plan, loss_fn, batches=batches, every=every, mesh=mesh))
-    if cfg.valid_rank_every:
-        pairs = eval_prompts(interactions, job.tasks)
-        every, samples = cfg.valid_rank_every, cfg.valid_rank_samples
-        ranking = ValidRanking(tok, catalog, pairs, job.eval, mesh, samples=samples, every=every, seed=cfg.seed)
-        evaluators.append(ranking)
-    return evaluators
 
 
 def run_train(job: TrainJob) -> dict:
@@ -93,13 +44,13 @@ def run_train(job: TrainJob) -> dict:
     tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
-    rows_data, catalog, bad_rows = _train_split(job, run)
+    rows_data, catalog, bad_rows = load_train_split(job.data, run.path)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
     model = _model(job, tok, mesh, run)
     run.update(data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()})
     samples = build_sft_samples(rows_data, catalog, job.tasks, job.data.category_text)
     global_rows = job.train.per_device_batch_size * data_parallel_size(mesh) * job.train.grad_accum_steps
-    plan = sft_plan(job, tok, samples, global_rows)
+    plan = sft_plan(samples, tok, job.data, global_rows)
     steps = job.train.max_steps or math.ceil(job.train.epochs * plan.steps_per_epoch)
     log.info(
         "data: %d samples, %d steps/epoch of %d rows, %d steps", len(samples), plan.steps_per_epoch, global_rows, steps
@@ -116,25 +67,8 @@ def run_train(job: TrainJob) -> dict:
         evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),  # held-out loss without smoothing
     )  # fmt: skip
     run.update(train={**train, "effective_batch_size": global_rows, "steps_per_epoch": plan.steps_per_epoch})
-    if train.get("preempted_at") is None:
-        _export_and_evaluate(job, model, tok, mesh, run, tracker)
-    else:
-        run.update(status="preempted", exit_code=PREEMPTED_EXIT_CODE)
-    tracker.finish()
+    hand_on(job, model, train, tok, mesh, run, tracker)
     return run.summary
-
-
-def _train_split(job: TrainJob, run: RunDir):
-    """The train split's rows, catalog and skipped rows; no usable row is an error (else the alignment samples alone
-    would train, or the batch plan fail without saying why)."""
-    rows_data, catalog, bad_rows = load_split(job.data, "train", run_dir=run.path)
-    if not rows_data:
-        first = f"; the first: {bad_rows.examples[0]}" if bad_rows.examples else ""
-        raise ConfigError(
-            f"the train split of {job.data.source} data in {job.data.dir} has no usable rows "
-            f"({bad_rows.total} bad rows skipped: {bad_rows.counts}{first})"
-        )
-    return rows_data, catalog, bad_rows
 
 
 def _model(job: TrainJob, tok: SIDTokenizer, mesh, run: RunDir) -> Qwen2:
@@ -155,25 +89,8 @@ def _model(job: TrainJob, tok: SIDTokenizer, mesh, run: RunDir) -> Qwen2:
     return model
 
 
-def _export_and_evaluate(job: TrainJob, model: Qwen2, tok: SIDTokenizer, mesh, run: RunDir, tracker) -> None:
-    """The HF export of the model the run hands on (RUN_DIR/model), then the test eval (eval.enabled)."""
-    host_model = to_host(model)  # a collective on multi-host runs: every process takes part
-    if run.main:
-        export_qwen2(host_model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
-    if job.eval.enabled:
-        run.update(eval=evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker))
-
-
-PREEMPTED_EXIT_CODE = 75
-"""Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: run it again with
---train.resume); run_summary.json then says status: preempted. 0: finished; 1: stopped (non-finite loss, a
-checkpoint that cannot be written); 2: bad input."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    summary: dict = {}
-    rc = run_cli(TrainJob, lambda job: summary.update(run_train(job)), argv)
-    return PREEMPTED_EXIT_CODE if rc == 0 and summary.get("status") == "preempted" else rc
+    return stage_main(TrainJob, run_train, argv)
 
 
 if __name__ == "__main__":

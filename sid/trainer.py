@@ -21,7 +21,7 @@ from jaxtyping import Array
 
 from sid.checkpoint import Checkpointer, abstract_like
 from sid.config import ConfigError, TrainConfig
-from sid.meter import Meter, log_step_memory
+from sid.meter import Meter, log_step_memory, task_losses
 from sid.models.flops import TrainFlops
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
@@ -37,7 +37,11 @@ log = logging.getLogger("sid")
 
 
 class BatchIterator(Protocol):
-    """What the trainer consumes: host-local numpy batches and a JSON-able state for exact resume."""
+    """What the trainer consumes: host-local numpy batches and a JSON-able state for exact resume.
+
+    A source whose batches depend on the model being trained (RL rollouts: sid.rl.source) also has
+    `attach(current_model: Callable[[], model])`: `fit` calls it once, after any resume and before the first
+    `__next__`, with a function that returns the live (sharded) model of the step about to run."""
 
     def __next__(self) -> dict[str, np.ndarray]: ...
     def get_state(self) -> dict[str, Any]: ...
@@ -278,15 +282,19 @@ def fit(
     tracker: Tracker,
     flops: TrainFlops | None = None,
     evaluators: Sequence[Evaluator] = (),
+    step_stats: Callable[[dict[str, Any]], dict[str, float]] = task_losses,
 ) -> tuple[Any, dict[str, Any]]:
     """Train `model` for `total_steps` optimizer steps (resuming from the newest checkpoint when cfg.resume);
-    returns the model to hand on (`_Session.final_model`) and run_summary.json's `train` section."""
+    returns the model to hand on (`_Session.final_model`) and run_summary.json's `train` section. `step_stats`
+    turns a step's host metrics (the loss's additive stats among them) into the extra figures each log records."""
     t_start = time.perf_counter()
     session = _Session(model, loss_fn, optimizer, lr_schedule, batches, cfg, mesh, run)
+    if hasattr(batches, "attach"):
+        batches.attach(lambda: session.model)
     meter = Meter(
         run=run, tracker=tracker, total_steps=total_steps, start=session.start, log_every=cfg.log_every,
         flops=flops, n_devices=mesh.devices.size, progress_bar=cfg.progress_bar,
-        last_good=session.describe_last_saved,
+        last_good=session.describe_last_saved, step_stats=step_stats,
     )  # fmt: skip
     summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * cfg.grad_accum_steps}
     summary["start_step"] = session.start

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sid.config import ConfigError, cli, from_dict, load_yaml
-from sid.jobs import EvalJob, IndexJob, NanoGPTJob, TrainJob
+from sid.jobs import EvalJob, IndexJob, NanoGPTJob, RLJob, TrainJob
 
 # A bare environment (no user settings leak in), keeping PYTHONPATH for checkouts run without installing.
 CHILD_ENV = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"} | (
@@ -17,7 +17,7 @@ CHILD_ENV = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"} | (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB_FOR_DIR = {"train": TrainJob, "eval": EvalJob, "nanogpt": NanoGPTJob, "index": IndexJob}
+JOB_FOR_DIR = {"train": TrainJob, "eval": EvalJob, "nanogpt": NanoGPTJob, "index": IndexJob, "rl": RLJob}
 PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
@@ -46,7 +46,7 @@ def test_every_preset_validates(path):
     job = JOB_FOR_DIR[path.relative_to(ROOT / "configs").parts[0]]
     cfg = load_yaml(job, path)
     assert isinstance(cfg, job)
-    if isinstance(cfg, TrainJob):
+    if isinstance(cfg, (TrainJob, RLJob)):
         assert cfg.eval.num_beams >= max(cfg.eval.topk)
 
 

@@ -12,9 +12,11 @@ from test_rl_rewards import P0, P2
 from sid.config import MeshConfig
 from sid.parallel.mesh import make_mesh
 from sid.rl.advantages import group_advantages
-from sid.rl.loss import completion_logprobs, make_loss_fn
+from sid.rl.config import RLConfig
+from sid.rl.loss import completion_logprobs, make_loss_fn, rl_step_stats
 from sid.rl.rewards import get_reward
 from sid.rl.rollout import group_rows, score_groups
+from sid.rl.source import RolloutSource, rollout_columns
 from sid.step import init_state, make_train_step, to_global
 
 
@@ -90,3 +92,31 @@ def test_one_grpo_step_through_the_train_step(trie):
     after = np.asarray(logprobs(eqx.combine(state.params, static), rows))
     gain = adv.reshape(-1) * (after - ref).mean(axis=1)
     assert np.abs(after - ref).max() > 1e-4 and gain.sum() > 0
+
+
+def test_rollout_columns_give_score_groups_metrics_and_step_stats_divide_them(trie):
+    """The per-row columns the loss sums, divided by the completions as `rl_step_stats` does, are `score_groups`'
+    metrics; the KL, length, ratio and clip figures are the loss stats' ratios."""
+    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1], [4, 4, 4, 4]])
+    targets = np.array([trie.sids[5], trie.sids[9], trie.sids[4]])
+    rewards, _, metrics = score_groups(trie, leaves, targets, get_reward("ranking"))
+    columns = rollout_columns(trie, leaves, targets, rewards)
+    assert all(c.shape == (12,) and c.dtype == np.float32 for c in columns.values())
+    stats = {f"{k}_sum": c.sum(dtype=np.float64) for k, c in columns.items()}
+    stats.update(completions=12, tokens=60, kl_sum=1.2, ratio_sum=60.0, ratio_units=60, clipped=6)
+    out = rl_step_stats(stats)
+    for name, value in metrics.items():
+        assert out[f"rollout/{name}"] == pytest.approx(value, rel=1e-6), name
+    assert (out["kl"], out["completion_length"], out["ratio"], out["clip_fraction"]) == pytest.approx((0.1, 5, 1, 0.1))
+
+
+def test_prompt_order_is_a_seeded_permutation_per_epoch():
+    source = RolloutSource.__new__(RolloutSource)  # only the order bookkeeping: no model, no mesh
+    source.targets, source.seed, source.consumed = np.arange(10), 3, 0
+    source.cfg = RLConfig(prompts_per_step=4)
+    drawn = np.concatenate([source._next_prompts() for _ in range(5)])  # 20 prompts: two epochs exactly
+    assert sorted(drawn[:10]) == sorted(drawn[10:]) == list(range(10)) and list(drawn[:10]) != list(drawn[10:])
+    assert source.get_state() == {"consumed": 20} and source.step == 5
+    source.set_state({"consumed": 8})
+    again = np.concatenate([source._next_prompts() for _ in range(3)])
+    np.testing.assert_array_equal(again, drawn[8:20])

@@ -10,8 +10,7 @@ from test_trainer import ToyBatches, run_fit
 
 from sid.config import ConfigError, TrainConfig
 from sid.eval.config import EvalConfig
-from sid.selection import Selection, due
-from sid.train import check_selection
+from sid.selection import Selection, check_selection, due
 
 
 def scripted(selection: Selection, values: dict[int, float]) -> list[bool]:

@@ -18,6 +18,7 @@ from sid.data.letter import read_letter
 from sid.data.minionerec import Catalog, Interaction, load_catalog, read_csv
 from sid.data.synthetic import write_synthetic
 from sid.data.tokenizer import SIDTokenizer, build_tokenizer
+from sid.errors import ConfigError
 from sid.paths import resolve
 
 Split = Literal["train", "valid", "test"]
@@ -68,6 +69,19 @@ def load_split(
     if not path.is_file():
         raise FileNotFoundError(f"{split} file {path} not found (data.dir / data.{split}_file)")
     return read_csv(path, catalog, bad_rows), catalog, bad_rows
+
+
+def load_train_split(cfg: DataConfig, run_dir: str | Path | None = None):
+    """The train split's rows, catalog and skipped rows; no usable row is an error (else the alignment samples alone
+    would train, or the batch plan fail without saying why)."""
+    rows_data, catalog, bad_rows = load_split(cfg, "train", run_dir=run_dir)
+    if not rows_data:
+        first = f"; the first: {bad_rows.examples[0]}" if bad_rows.examples else ""
+        raise ConfigError(
+            f"the train split of {cfg.source} data in {cfg.dir} has no usable rows "
+            f"({bad_rows.total} bad rows skipped: {bad_rows.counts}{first})"
+        )
+    return rows_data, catalog, bad_rows
 
 
 def tokenizer_dir(cfg: TokenizerConfig, data_dir: Path, data_root: str) -> Path:

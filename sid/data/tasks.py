@@ -14,9 +14,10 @@ from typing import Literal
 
 import numpy as np
 
-from sid.data.config import TasksConfig
+from sid.data.config import DataConfig, TasksConfig
 from sid.data.errors import MissingTitlesError
 from sid.data.minionerec import Catalog, Interaction
+from sid.data.pipeline import BatchPlan
 from sid.data.tokenizer import SIDTokenizer
 
 FRAME = (
@@ -170,3 +171,14 @@ def eval_prompts(interactions: Sequence[Interaction], tasks_cfg: TasksConfig) ->
     return [
         (frame(NEXT_SID_INSTRUCTION, next_sid_input(it.history_sids, wording)), it.target_sid) for it in interactions
     ]
+
+
+def sft_plan(samples: Sequence[Sample], tok: SIDTokenizer, cfg: DataConfig, rows_per_step: int) -> BatchPlan:
+    """Samples -> the batch plan of the config's layout (packed rows or length buckets)."""
+    return BatchPlan(
+        encode_all(samples, tok, cfg.max_len),
+        rows_per_step=rows_per_step,
+        max_len=cfg.max_len,
+        pack=cfg.pack,
+        buckets=cfg.length_buckets,
+    )

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
 
+from sid.data.dataset import load_split
 from sid.data.pipeline import BatchPlan
+from sid.data.tasks import build_sft_samples, eval_prompts, sft_plan
+from sid.data.tokenizer import SIDTokenizer
 from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
 from sid.eval.runner import Ranker
+from sid.parallel.mesh import data_parallel_size
 from sid.parallel.trace import traced_on
 from sid.step import to_global
 
@@ -64,3 +69,23 @@ class ValidRanking:
     def __call__(self, model, step: int) -> dict[str, float]:
         m = ranking_metrics(self.ranker(model), self.targets, self.topk, self.catalog_sids)
         return {**{f"valid/hr@{k}": v for k, v in m.hr.items()}, **{f"valid/ndcg@{k}": v for k, v in m.ndcg.items()}}
+
+
+def sft_evaluators(job, tok: SIDTokenizer, mesh, run_dir: Path, loss_fn) -> list:
+    """The held-out loss on every enabled task of the valid split, and the ranking of a fixed valid subset (the SFT
+    and the RL stage's evaluators; `job` is a TrainJob or an RLJob: its data, tasks, train and eval sections)."""
+    cfg, evaluators = job.train, []
+    if not (cfg.eval_loss_every or cfg.valid_rank_every):
+        return evaluators
+    interactions, catalog, _ = load_split(job.data, "valid", run_dir=run_dir)
+    if cfg.eval_loss_every:
+        samples = build_sft_samples(interactions, catalog, job.tasks, job.data.category_text)
+        plan = sft_plan(samples, tok, job.data, cfg.per_device_batch_size * data_parallel_size(mesh))
+        every, batches = cfg.eval_loss_every, cfg.eval_loss_batches
+        evaluators.append(HeldOutLoss(plan, loss_fn, batches=batches, every=every, mesh=mesh))
+    if cfg.valid_rank_every:
+        pairs = eval_prompts(interactions, job.tasks)
+        every, samples = cfg.valid_rank_every, cfg.valid_rank_samples
+        ranking = ValidRanking(tok, catalog, pairs, job.eval, mesh, samples=samples, every=every, seed=cfg.seed)
+        evaluators.append(ranking)
+    return evaluators

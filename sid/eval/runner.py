@@ -22,7 +22,7 @@ from sid.eval.beam import sharded_beam_search
 from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
 from sid.eval.predictions import write_explained, write_predictions
-from sid.eval.trie import build_trie
+from sid.eval.trie import SidTrie, build_trie
 from sid.models.qwen2 import Qwen2
 from sid.parallel.host import global_array, to_host
 from sid.parallel.mesh import batch_sharding, data_parallel_size
@@ -56,18 +56,23 @@ def bucketed_batches(prompts: list[list[int]], buckets: tuple[int, ...], batch: 
             yield idx, ids, mask
 
 
+def catalog_trie(tok: SIDTokenizer, catalog) -> SidTrie:
+    """The trie of the catalog's SIDs in the tokenizer's ids, each completion ending "\\n" then EOS."""
+    newline = tok.encode("\n")
+    if len(newline) != 1:
+        raise ValueError(f'the tokenizer splits "\\n" into {newline}; the SID completion needs it as one token')
+    sid_ids = {t: tok.token_id(t) for t in catalog.sid_tokens()}
+    return build_trie(catalog.sids, sid_ids, (newline[0], tok.eos_id))
+
+
 class Ranker:
     """Ranks a fixed list of prompts by trie-constrained beam search over the catalog's SIDs. The search is compiled
     once per prompt bucket and reused across calls, so ranking the valid split during training compiles once."""
 
     def __init__(self, tok: SIDTokenizer, catalog, prompts: list[str], eval_cfg: EvalConfig, mesh, *, desc: str):
-        newline = tok.encode("\n")
-        if len(newline) != 1:
-            raise ValueError(f'the tokenizer splits "\\n" into {newline}; the SID completion needs it as one token')
         if eval_cfg.num_beams < max(eval_cfg.topk):
             raise ValueError(f"eval.num_beams={eval_cfg.num_beams} is smaller than the largest K in {eval_cfg.topk}")
-        sid_ids = {t: tok.token_id(t) for t in catalog.sid_tokens()}
-        self.trie = build_trie(catalog.sids, sid_ids, (newline[0], tok.eos_id))
+        self.trie = catalog_trie(tok, catalog)
         self.prompts = tok.encode_batch(prompts)
         self.cfg, self.mesh, self.pad_id, self.desc = eval_cfg, mesh, tok.pad_id, desc
         self.compiled: dict[tuple, Any] = {}

@@ -134,7 +134,9 @@ def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = No
 
     The batch holds `sid.rl.rollout.group_rows`' ``input_ids``, ``segment_ids`` and ``completion_mask``, plus
     ``advantages`` [rows] and the reference model's ``ref_logp`` [rows, T] (computed once per rollout with
-    `completion_logprobs`), and optionally the rollout policy's ``old_logp`` [rows, T]."""
+    `completion_logprobs`), and optionally the rollout policy's ``old_logp`` [rows, T]. Per-row ``rollout/<name>``
+    columns (the rollout's figures, `sid.rl.source`) are summed over the rows that hold a completion into the
+    stats as ``rollout/<name>_sum``."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
 
@@ -142,15 +144,30 @@ def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = No
         del key  # nothing random in the loss (no dropout)
         ref_logp = batch["ref_logp"]
         logp = completion_logprobs(model, batch["input_ids"], batch["segment_ids"], ref_logp.shape[1])
-        return grpo_loss(
-            logp,
-            ref_logp,
-            batch.get("old_logp"),
-            batch["completion_mask"],
-            batch["advantages"],
-            beta=beta,
-            kind=kind,
-            clip_eps=clip_eps,
+        mask = batch["completion_mask"]
+        loss_sum, count, stats = grpo_loss(
+            logp, ref_logp, batch.get("old_logp"), mask, batch["advantages"], beta=beta, kind=kind, clip_eps=clip_eps
         )
+        rows = mask.astype(bool).any(axis=1)
+        for name, column in batch.items():
+            if name.startswith("rollout/"):
+                stats[f"{name}_sum"] = jnp.where(rows, column.astype(jnp.float32), 0.0).sum()
+        return loss_sum, count, stats
 
     return loss_fn
+
+
+def rl_step_stats(m: dict) -> dict[str, float]:
+    """A GRPO step's logged figures from its summed stats (`sid.trainer.fit`'s `step_stats`): the mean KL and
+    completion length, the mean importance ratio and the clipped fraction, and each rollout figure's mean."""
+    completions, units = max(int(m["completions"]), 1), max(int(m["ratio_units"]), 1)
+    out = {
+        "kl": float(m["kl_sum"]) / completions,
+        "completion_length": int(m["tokens"]) / completions,
+        "ratio": float(m["ratio_sum"]) / units,
+        "clip_fraction": int(m["clipped"]) / units,
+    }
+    for key, value in m.items():
+        if key.startswith("rollout/") and key.endswith("_sum"):
+            out[key.removesuffix("_sum")] = float(value) / completions
+    return out

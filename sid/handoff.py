@@ -1,0 +1,45 @@
+"""What a training entry point (`sid.train`, `sid.rl`) does once `fit` returns: the HF export of the model it hands
+on and the test eval, or the preempted status; and the process exit code that tells a scheduler which it was."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sid.compat.hf import export_qwen2
+from sid.config import run_cli
+from sid.data.tokenizer import SIDTokenizer
+from sid.eval.runner import evaluate
+from sid.models.qwen2 import Qwen2
+from sid.parallel.host import to_host
+from sid.run import RunDir
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: run it again with
+--train.resume); run_summary.json then says status: preempted. 0: finished; 1: stopped (non-finite loss, a
+checkpoint that cannot be written); 2: bad input."""
+
+
+def export_and_evaluate(job, model: Qwen2, tok: SIDTokenizer, mesh, run: RunDir, tracker) -> None:
+    """The HF export of the model the run hands on (RUN_DIR/model), then the test eval (eval.enabled)."""
+    host_model = to_host(model)  # a collective on multi-host runs: every process takes part
+    if run.main:
+        export_qwen2(host_model, run.path / "model", tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id))
+    if job.eval.enabled:
+        run.update(eval=evaluate(model, tok, job.data, job.tasks, job.eval, mesh=mesh, run=run, tracker=tracker))
+
+
+def hand_on(job, model: Qwen2, train: dict[str, Any], tok: SIDTokenizer, mesh, run: RunDir, tracker) -> None:
+    """After `fit`: export and evaluate a finished run; mark a preempted one (no export: it is not done)."""
+    if train.get("preempted_at") is None:
+        export_and_evaluate(job, model, tok, mesh, run, tracker)
+    else:
+        run.update(status="preempted", exit_code=PREEMPTED_EXIT_CODE)
+    tracker.finish()
+
+
+def stage_main(job_cls: type, run_job: Callable[[Any], dict], argv: list[str] | None) -> int:
+    """An entry point's exit code: `run_cli`'s, or PREEMPTED_EXIT_CODE for a run that saved and stopped on SIGTERM."""
+    summary: dict = {}
+    rc = run_cli(job_cls, lambda job: summary.update(run_job(job)), argv)
+    return PREEMPTED_EXIT_CODE if rc == 0 and summary.get("status") == "preempted" else rc

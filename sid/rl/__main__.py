@@ -1,0 +1,142 @@
+"""`python -m sid.rl`: GRPO after SFT (MiniOneRec's RL stage), then the HF export and the test eval.
+
+The SFT model (`rl.init`) -> the train prompts with their target SIDs -> each step, a rollout of the live policy
+(`sid.rl.source`) -> one jitted GRPO update (`sid.rl.loss.make_loss_fn` through the shared trainer, with the SFT
+stage's valid ranking, best-checkpoint selection, checkpoints and exact resume) -> RUN_DIR/model and the test eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from pathlib import Path
+
+from sid.compat.hf import load_qwen2
+from sid.config import ConfigError
+from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
+from sid.data.tasks import eval_prompts
+from sid.data.tokenizer import SIDTokenizer
+from sid.eval.held_out import sft_evaluators
+from sid.eval.runner import catalog_trie
+from sid.handoff import hand_on, stage_main
+from sid.jobs import RLJob
+from sid.loss import sft_loss
+from sid.models.build import token_extension
+from sid.models.flops import num_params, train_flops
+from sid.models.qwen2 import Qwen2, pad_vocab, unpad_vocab
+from sid.parallel.distributed import init_distributed
+from sid.parallel.mesh import data_parallel_size, make_mesh
+from sid.rl.loss import make_loss_fn, rl_step_stats
+from sid.rl.rewards import REWARDS
+from sid.rl.source import RolloutSource
+from sid.run import RunDir, load_dotenv
+from sid.selection import check_selection
+from sid.tracking import Tracker
+from sid.trainer import check_output_dir, fit, make_optimizer
+
+log = logging.getLogger("sid")
+
+
+def init_model_dir(init: str) -> Path:
+    """The HF directory `rl.init` names: an SFT run's `model/` export, or the directory itself."""
+    if not init:
+        raise ConfigError("rl.init is empty: give an SFT run directory or an HF model directory")
+    path = Path(init)
+    for directory in (path / "model", path):
+        if (directory / "config.json").is_file():
+            return directory
+    raise ConfigError(
+        f"rl.init={init}: no model there (neither an SFT run's export {path / 'model'}/config.json nor an HF "
+        f"directory's {path}/config.json; a preempted SFT run exports nothing until it finishes)"
+    )
+
+
+def load_policy(job: RLJob, directory: Path, tok: SIDTokenizer, sid_tokens: list[str]) -> Qwen2:
+    """The starting policy from `directory`, refused when the catalog's SID tokens have no row in its vocab (a
+    model fine-tuned on another catalog or tokenizer); the vocab padded to model.vocab_multiple."""
+    model, _ = load_qwen2(directory, dataclasses.replace(job.model, hf_path=str(directory)))
+    missing = [t for t in sid_tokens if tok.token_id(t) >= model.valid_vocab]
+    if missing:
+        raise ConfigError(
+            f"{directory}: {len(missing)} of the catalog's {len(sid_tokens)} SID tokens (e.g. {missing[0]}, id "
+            f"{tok.token_id(missing[0])}) are beyond the checkpoint's {model.valid_vocab}-token vocab: was it "
+            "fine-tuned on this catalog and tokenizer?"
+        )
+    log.info("policy from %s: %.1fM params, vocab %d", directory, num_params(model) / 1e6, model.valid_vocab)
+    return pad_vocab(unpad_vocab(model), job.model.vocab_multiple)
+
+
+def check_rl(job: RLJob, mesh, num_leaves: int) -> None:
+    """Refuse, before anything runs, settings no rollout or step could honour."""
+    rl, dp, accum = job.rl, data_parallel_size(mesh), job.train.grad_accum_steps
+    if rl.reward not in REWARDS:
+        raise ConfigError(f"rl.reward={rl.reward!r} is not one of {sorted(REWARDS)}")
+    if not 2 <= rl.group_size <= num_leaves:
+        raise ConfigError(f"rl.group_size={rl.group_size} must be in [2, {num_leaves}] (the catalog's SIDs)")
+    if rl.prompts_per_step < 1 or rl.prompts_per_step % dp:
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a positive multiple of the {dp} data "
+                          "shards of the mesh")  # fmt: skip
+    if rl.prompts_per_step * rl.group_size % (dp * accum):
+        raise ConfigError(f"rl.prompts_per_step x rl.group_size = {rl.prompts_per_step * rl.group_size} rows must "
+                          f"split into {dp} data shards x train.grad_accum_steps={accum}")  # fmt: skip
+    if not rl.temperature > 0 or rl.beta < 0 or rl.ref_sync_every < 0:
+        raise ConfigError(f"rl.temperature={rl.temperature} must be > 0, rl.beta={rl.beta} and "
+                          f"rl.ref_sync_every={rl.ref_sync_every} >= 0")  # fmt: skip
+
+
+def prompt_length(prompts: list[list[int]], buckets: tuple[int, ...]) -> int:
+    """The smallest of eval.prompt_buckets that holds every prompt (longer ones keep their last tokens)."""
+    longest = max(len(p) for p in prompts)
+    length = next((b for b in sorted(buckets) if b >= longest), max(buckets))
+    if longest > length:
+        log.warning("rl: prompts up to %d tokens keep their last %d (eval.prompt_buckets)", longest, length)
+    return length
+
+
+def run_rl(job: RLJob) -> dict:
+    """GRPO from `rl.init` (then the export and the test eval); returns run_summary.json's content."""
+    init_distributed(job.mesh)
+    load_dotenv()
+    check_output_dir(job.train)
+    check_selection(job.train, job.eval)
+    directory = init_model_dir(job.rl.init)
+    run = RunDir(job.train.output_dir, job)
+    tracker = Tracker(job.wandb, run=run)
+    mesh = make_mesh(job.mesh)
+    rows_data, catalog, bad_rows = load_train_split(job.data, run.path)
+    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
+    model = load_policy(job, directory, tok, catalog.sid_tokens())
+    trie = catalog_trie(tok, catalog)
+    check_rl(job, mesh, trie.num_leaves)
+    pairs = eval_prompts(rows_data, job.tasks)
+    prompts = tok.encode_batch([p for p, _ in pairs])
+    length = prompt_length(prompts, job.eval.prompt_buckets)
+    source = RolloutSource(trie, prompts, [t for _, t in pairs], model, job.rl, mesh, prompt_length=length,
+                           pad_id=tok.pad_id, seed=job.train.seed)  # fmt: skip
+    steps = job.train.max_steps or math.ceil(job.train.epochs * len(pairs) / job.rl.prompts_per_step)
+    rows = job.rl.prompts_per_step * job.rl.group_size
+    log.info("rl: %d train prompts, %d per step x %d completions, %d steps", len(pairs), job.rl.prompts_per_step,
+             job.rl.group_size, steps)  # fmt: skip
+    run.update(
+        data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()}, token_extension=token_extension(tok)
+    )
+    optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
+    model, train = fit(
+        model=model, loss_fn=make_loss_fn(beta=job.rl.beta, kind=job.rl.loss), optimizer=optimizer, lr_schedule=lr,
+        batches=source, total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
+        flops=train_flops(model, length + trie.tables.num_steps), step_stats=rl_step_stats,
+        evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),
+    )  # fmt: skip
+    run.update(train={**train, "rows_per_step": rows, "init": str(directory)})
+    hand_on(job, model, train, tok, mesh, run, tracker)
+    return run.summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(RLJob, run_rl, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
