@@ -224,10 +224,10 @@ class TrainConfig:
     gather_params_once: bool = False
     """Under fsdp: gather the f32 params once per step and let each device accumulate its own rows' whole gradient,
     reduced over fsdp once per step, instead of gathering weights for every micro-batch's forward and backward and
-    reduce-scattering every micro-batch's gradients. Cuts fsdp traffic about grad_accum_steps-fold (the seed step,
-    1.5B on fsdp8 with 8 micro-batches: 107 GB per device per step to 12.4); costs every device a whole f32 copy of
-    the params, a whole f32 gradient accumulator and one micro-batch's whole gradients (12 bytes per param beyond
-    FSDP's shards: 18.5 GB at 1.5B), so it suits models that fit that way. Same step up to float order."""
+    reduce-scattering every micro-batch's gradients. Cuts fsdp traffic about grad_accum_steps-fold (measured:
+    docs/benchmarks.md); costs every device a whole f32 copy of the params, a whole f32 gradient accumulator and one
+    micro-batch's whole gradients (12 bytes per param beyond FSDP's shards), so it suits models that fit that way.
+    Same step up to float order."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps > 0)."""
     max_steps: int = 0

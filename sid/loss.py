@@ -29,7 +29,6 @@ from sid.models.layers import DTYPES
 from sid.models.qwen2 import Qwen2
 from sid.parallel.trace import batch_split, replicas_max
 
-IGNORE = -100
 CHUNK_ELEMENTS = 1 << 30
 """Logits elements per chunk (4 GiB in f32 on one device; split over the devices that share the tokens). Fewer,
 larger chunks mean fewer passes over the f32 d(head) accumulator (each chunk reads and writes all of it) and a
@@ -142,7 +141,7 @@ def _chunks_of(x: Array, m: int) -> Array:
     """[groups, tokens, ...] -> [chunks, groups * m, ...]: chunk k holds tokens [k*m, (k+1)*m) of every group, so
     each chunk's matmuls stay split over the devices by group. (Contiguous chunks of the flat tokens would each lie
     on one or two devices, and the partitioner gathered every device's hidden states onto every device to slice out
-    each chunk: 1.5B on fsdp8, 26 GB per device per step.)"""
+    each chunk.)"""
     groups, n = x.shape[:2]
     x = x.reshape(groups, n // m, m, *x.shape[2:]).swapaxes(0, 1)
     return x.reshape(n // m, groups * m, *x.shape[3:])

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sid.mesh import MeshConfig
 
 from sid.compat.hf import export_qwen2, load_qwen2
+from sid.config import MeshConfig
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
+from sid.data.dataset import load_tokenizer
 from sid.data.tasks import eval_prompts, load_split, synthetic_dir
 from sid.eval.config import EvalConfig
 from sid.eval.runner import Ranker
@@ -23,7 +24,6 @@ from sid.models.qwen2 import pad_vocab, unpad_vocab
 from sid.parallel.mesh import make_mesh
 from sid.rl.__main__ import main
 from sid.rl.source import RolloutSource
-from sid.train import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/rl/cpu/smoke.yaml")

@@ -243,12 +243,11 @@ class BatchPlan:
         epochs: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
-        read_options: grain.ReadOptions | None = None,
     ) -> BatchIterator:
         """This host's slice of every global batch, `epochs` times (None: forever), reshuffled each epoch.
 
-        Host i of P gets rows [i*R/P, (i+1)*R/P) of each global batch of R rows; batches are built ahead in
-        `read_options.num_threads` threads (default 4 threads, 8 batches ahead).
+        Host i of P gets rows [i*R/P, (i+1)*R/P) of each global batch of R rows; batches are built ahead in 4
+        threads, 8 batches ahead.
         """
         rows = self._host_rows(process_index, process_count)
         spe = self.steps_per_epoch
@@ -257,7 +256,7 @@ class BatchPlan:
             .repeat(epochs)
             .map_with_index(lambda step, _: self.build(self.epoch(step // spe, seed=seed)[step % spe], rows))
         )
-        options = read_options or grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+        options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
         return BatchIterator(iter(dataset.to_iter_dataset(options)), self.fingerprint(seed))
 
     def eval_batches(
