@@ -40,6 +40,7 @@ STANDARD_PROMOTION = {
     "test_selection": "optax Adam (training in process)",
     "test_reliability": "optax Adam (training in process)",
     "test_index": "optax Adam (the RQ-VAE)",
+    "test_rl_cli": "optax Adam (training in process)",
 }
 
 

@@ -13,8 +13,8 @@ import pytest
 from sid.compat.hf import export_qwen2, load_qwen2
 from sid.config import MeshConfig
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
-from sid.data.dataset import load_tokenizer
-from sid.data.tasks import eval_prompts, load_split, synthetic_dir
+from sid.data.dataset import load_split, load_tokenizer, synthetic_dir
+from sid.data.tasks import eval_prompts
 from sid.eval.config import EvalConfig
 from sid.eval.runner import Ranker
 from sid.handoff import PREEMPTED_EXIT_CODE
