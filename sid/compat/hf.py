@@ -56,6 +56,13 @@ _LAYER_TENSORS: tuple[tuple[str, Callable[[Qwen2Layer], Any]], ...] = (
 )
 
 
+def hf_model_dir(path: str | Path) -> Path | None:
+    """The HF model directory `path` names: a run directory's export (RUN_DIR/model) or an HF directory itself;
+    None when neither holds a config.json."""
+    p = Path(path)
+    return next((d for d in (p / "model", p) if (d / "config.json").is_file()), None)
+
+
 def _top_tensors(tied: bool) -> tuple[tuple[str, Callable[[Qwen2], Any]], ...]:
     top = (
         ("model.embed_tokens.weight", lambda m: m.embed.weight),

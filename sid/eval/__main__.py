@@ -16,7 +16,7 @@ from pathlib import Path
 import equinox as eqx
 
 from sid.checkpoint import Checkpointer, abstract_like, error_line
-from sid.compat.hf import load_qwen2
+from sid.compat.hf import hf_model_dir, load_qwen2
 from sid.config import ConfigError, load_yaml, run_cli
 from sid.data.config import TokenizerConfig
 from sid.data.dataset import dataset_dir, load_split, load_tokenizer
@@ -36,9 +36,8 @@ log = logging.getLogger("sid")
 def checkpoint_dir(path: str) -> Path:
     """The HF model directory of a run directory (RUN_DIR/model) or an HF directory itself."""
     p = Path(path)
-    for candidate in (p / "model", p):
-        if (candidate / "config.json").is_file():
-            return candidate
+    if directory := hf_model_dir(p):
+        return directory
     raise FileNotFoundError(
         f"{p}: neither {p / 'model'} nor {p} holds an HF model (config.json); "
         "set --eval.checkpoint to a training run directory or an exported HF directory"

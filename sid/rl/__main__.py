@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from sid.compat.hf import load_qwen2
+from sid.compat.hf import hf_model_dir, load_qwen2
 from sid.config import ConfigError
 from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
 from sid.data.tasks import eval_prompts
@@ -44,9 +44,8 @@ def init_model_dir(init: str) -> Path:
     if not init:
         raise ConfigError("rl.init is empty: give an SFT run directory or an HF model directory")
     path = Path(init)
-    for directory in (path / "model", path):
-        if (directory / "config.json").is_file():
-            return directory
+    if directory := hf_model_dir(path):
+        return directory
     raise ConfigError(
         f"rl.init={init}: no model there (neither an SFT run's export {path / 'model'}/config.json nor an HF "
         f"directory's {path}/config.json; a preempted SFT run exports nothing until it finishes)"
