@@ -82,8 +82,9 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.models.qwen2 import Qwen2, pad_vocab
     from sid.optim.config import OptimizerConfig
     from sid.optim.schedule import make_schedule
+    from sid.parallel.host import to_global
     from sid.parallel.mesh import make_mesh
-    from sid.step import init_state, to_global
+    from sid.step import init_state
 
     if spec["ce_chunk_elements"]:  # this child process measures one configuration: a module setting is fine
         sid.loss.CHUNK_ELEMENTS = spec["ce_chunk_elements"]

@@ -22,13 +22,12 @@ from sid.loss import cross_entropy_sum
 from sid.models.flops import train_flops
 from sid.models.layers import DTYPES
 from sid.models.nanogpt import GPT
-from sid.parallel.distributed import init_distributed
-from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
+from sid.parallel.host import to_global
+from sid.parallel.mesh import data_parallel_size, tp_head_warning
 from sid.parallel.trace import traced_on
-from sid.run import RunDir, load_dotenv
-from sid.step import to_global
-from sid.tracking import Tracker
-from sid.trainer import check_output_dir, fit, make_optimizer
+from sid.run import RunDir
+from sid.stage import start_run
+from sid.trainer import fit, make_optimizer
 
 log = logging.getLogger("sid")
 
@@ -116,11 +115,7 @@ def sample(model: GPT, data: CharData, cfg: SampleConfig, *, seed: int) -> list[
 
 def run_nanogpt(job: NanoGPTJob) -> dict:
     """Train, keep the best model by held-out loss, sample from it; returns run_summary.json's content."""
-    init_distributed(job.mesh)
-    load_dotenv()
-    check_output_dir(job.train)
-    run = RunDir(job.train.output_dir, job)
-    mesh = make_mesh(job.mesh)
+    run, tracker, mesh = start_run(job)
     data = CharData.load(job.data)
     gcfg = dataclasses.replace(job.model, vocab_size=job.model.vocab_size or data.codec.vocab_size)
     model = GPT.init(gcfg, key=jax.random.key(gcfg.seed))
@@ -140,7 +135,6 @@ def run_nanogpt(job: NanoGPTJob) -> dict:
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
     best = _KeepBest(make_eval_loss(data, job, rows, mesh), job.train.eval_loss_every, run)
-    tracker = Tracker(job.wandb, run=run)
     model, train = fit(
         model=model,
         loss_fn=gpt_loss,

@@ -82,8 +82,11 @@ class Selection:
         return {"step": self.best_step, "metric": self.metric, "value": self.best_value, "valid": self.best_results}
 
 
-def check_selection(cfg: TrainConfig, eval_cfg: EvalConfig) -> None:
-    """Refuse, before anything runs, a selection that no evaluation would ever feed."""
+def check_selection(cfg: TrainConfig, eval_cfg: EvalConfig | None) -> None:
+    """Refuse, before anything runs, a selection that no evaluation would ever feed (`eval_cfg` None: a job that
+    ranks nothing, such as nanoGPT's)."""
+    if eval_cfg is None and (cfg.valid_rank_every or cfg.select_by in ("ndcg@10", "hr@10")):
+        raise ConfigError("this job ranks nothing: train.valid_rank_every and train.select_by ndcg@10/hr@10 need SIDs")
     needs = {"loss": ("eval_loss_every", cfg.eval_loss_every), "ndcg@10": ("valid_rank_every", cfg.valid_rank_every)}
     needs["hr@10"] = needs["ndcg@10"]
     if cfg.select_by != "none" and not needs[cfg.select_by][1]:

@@ -10,7 +10,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
@@ -178,12 +177,6 @@ def init_state(model, optimizer: optax.GradientTransformation, *, seed: int, mes
     )
     sharding = TrainState(p_shard, o_shard, replicated, replicated)
     return state, static, sharding
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, Array]:
-    """Host-local numpy rows -> global jax arrays sharded over (dp, fsdp)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 def step_memory_bytes(compiled) -> int | None:

@@ -18,32 +18,22 @@ from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
 from sid.data.tasks import build_sft_samples, sft_plan
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.held_out import sft_evaluators
-from sid.handoff import hand_on, stage_main
 from sid.jobs import TrainJob
 from sid.loss import sft_loss
 from sid.models.build import build_model, token_extension
 from sid.models.flops import num_params, train_flops
 from sid.models.qwen2 import Qwen2
-from sid.parallel.distributed import init_distributed
-from sid.parallel.mesh import data_parallel_size, make_mesh, tp_head_warning
-from sid.run import RunDir, load_dotenv
-from sid.selection import check_selection
-from sid.tracking import Tracker
-from sid.trainer import check_output_dir, fit, make_optimizer
+from sid.parallel.mesh import data_parallel_size, tp_head_warning
+from sid.run import RunDir
+from sid.stage import hand_on, stage_main, start_run
+from sid.trainer import fit, make_optimizer
 
 log = logging.getLogger("sid")
 
 
 def run_train(job: TrainJob) -> dict:
     """Train (and evaluate); returns run_summary.json's content."""
-    init_distributed(job.mesh)
-    load_dotenv()
-    check_output_dir(job.train)
-    check_selection(job.train, job.eval)
-    run = RunDir(job.train.output_dir, job)
-    tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
-    mesh = make_mesh(job.mesh)
-    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
+    run, tracker, mesh = start_run(job)
     rows_data, catalog, bad_rows = load_train_split(job.data, run.path)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
     model = _model(job, tok, mesh, run)

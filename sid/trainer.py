@@ -26,11 +26,12 @@ from sid.models.flops import TrainFlops
 from sid.optim.config import OptimizerConfig
 from sid.optim.routing import routing_table
 from sid.optim.schedule import make_schedule
+from sid.parallel.host import to_global
 from sid.parallel.report import device_bytes, format_bytes, sharding_table
 from sid.parallel.rules import without_axis
 from sid.run import RunDir, require_shared_directory
 from sid.selection import SELECT_KEYS, Evaluator, Selection, due
-from sid.step import LossFn, init_state, make_train_step, step_memory_bytes, to_global
+from sid.step import LossFn, init_state, make_train_step, step_memory_bytes
 from sid.tracking import Tracker
 
 log = logging.getLogger("sid")

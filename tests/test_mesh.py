@@ -24,10 +24,11 @@ from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
 from sid.optim.config import OptimizerConfig
+from sid.parallel.host import to_global
 from sid.parallel.mesh import make_mesh, tp_head_warning
 from sid.parallel.report import device_bytes, sharding_table
 from sid.parallel.rules import PartitionRules, param_shardings, without_axis
-from sid.step import init_state, make_train_step, to_global
+from sid.step import init_state, make_train_step
 
 QWEN = ModelConfig(
     hidden_size=64,

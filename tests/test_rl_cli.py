@@ -17,13 +17,13 @@ from sid.data.dataset import load_split, load_tokenizer, synthetic_dir
 from sid.data.tasks import eval_prompts
 from sid.eval.config import EvalConfig
 from sid.eval.runner import Ranker
-from sid.handoff import PREEMPTED_EXIT_CODE
 from sid.models.build import build_model
 from sid.models.config import ModelConfig
 from sid.models.qwen2 import pad_vocab, unpad_vocab
 from sid.parallel.mesh import make_mesh
 from sid.rl.__main__ import main
 from sid.rl.source import RolloutSource
+from sid.stage import PREEMPTED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/rl/cpu/smoke.yaml")

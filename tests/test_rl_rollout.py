@@ -10,6 +10,7 @@ from test_beam import EOS, NEWLINE, _catalog, _model, _prompts
 from test_rl_rewards import P0, P2
 
 from sid.config import MeshConfig
+from sid.parallel.host import to_global
 from sid.parallel.mesh import make_mesh
 from sid.rl.advantages import group_advantages
 from sid.rl.config import RLConfig
@@ -17,7 +18,7 @@ from sid.rl.loss import completion_logprobs, make_loss_fn, rl_step_stats
 from sid.rl.rewards import get_reward
 from sid.rl.rollout import group_rows, score_groups
 from sid.rl.source import RolloutSource, rollout_columns
-from sid.step import init_state, make_train_step, to_global
+from sid.step import init_state, make_train_step
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sid.handoff import PREEMPTED_EXIT_CODE
+from sid.stage import PREEMPTED_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/train/cpu/smoke.yaml")

@@ -16,10 +16,11 @@ from sid.config import MeshConfig, TrainConfig, WandbConfig
 from sid.errors import NonFiniteLoss
 from sid.loss import cross_entropy_sum
 from sid.models.flops import TrainFlops
+from sid.parallel.host import to_global
 from sid.parallel.mesh import make_mesh
 from sid.parallel.report import format_bytes
 from sid.run import RunDir
-from sid.step import init_state, make_train_step, to_global
+from sid.step import init_state, make_train_step
 from sid.tracking import Tracker
 from sid.trainer import fit
 

@@ -243,7 +243,7 @@ class BatchPlan:
         epochs: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
-    ) -> BatchIterator:
+    ) -> PlanIterator:
         """This host's slice of every global batch, `epochs` times (None: forever), reshuffled each epoch.
 
         Host i of P gets rows [i*R/P, (i+1)*R/P) of each global batch of R rows; batches are built ahead in 4
@@ -257,7 +257,7 @@ class BatchPlan:
             .map_with_index(lambda step, _: self.build(self.epoch(step // spe, seed=seed)[step % spe], rows))
         )
         options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
-        return BatchIterator(iter(dataset.to_iter_dataset(options)), self.fingerprint(seed))
+        return PlanIterator(iter(dataset.to_iter_dataset(options)), self.fingerprint(seed))
 
     def eval_batches(
         self, *, seed: int = 0, process_index: int | None = None, process_count: int | None = None
@@ -270,7 +270,7 @@ class BatchPlan:
         return grain.MapDataset.range(self.steps_per_epoch).map(lambda s: self.build(self.epoch(0, seed=seed)[s], rows))
 
 
-class BatchIterator(grain.DatasetIterator):
+class PlanIterator(grain.DatasetIterator):
     """Host batches of a train stream, with a JSON state: `set_state(get_state())` on a fresh iterator over the
     same plan and seed continues with exactly the batches the original would have produced next. A Grain
     `DatasetIterator`, so `grain.checkpoint.CheckpointSave(iterator)` stores it in an orbax checkpoint."""

@@ -19,9 +19,9 @@ from sid.data.tokenizer import SIDTokenizer
 from sid.eval.config import EvalConfig
 from sid.eval.metrics import ranking_metrics
 from sid.eval.runner import Ranker
+from sid.parallel.host import to_global
 from sid.parallel.mesh import data_parallel_size
 from sid.parallel.trace import traced_on
-from sid.step import to_global
 
 log = logging.getLogger("sid")
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
+
+from sid.parallel.mesh import batch_sharding
 
 
 def global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -20,3 +22,10 @@ def to_host(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Each process's own rows of a batch (numpy) -> global jax arrays split over (dp, fsdp); `global_array` is for
+    a value every process holds in full."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

@@ -20,21 +20,17 @@ from sid.data.tasks import eval_prompts
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.held_out import sft_evaluators
 from sid.eval.runner import catalog_trie
-from sid.handoff import hand_on, stage_main
 from sid.jobs import RLJob
 from sid.loss import sft_loss
 from sid.models.build import token_extension
 from sid.models.flops import num_params, train_flops
 from sid.models.qwen2 import Qwen2, pad_vocab, unpad_vocab
-from sid.parallel.distributed import init_distributed
-from sid.parallel.mesh import data_parallel_size, make_mesh
+from sid.parallel.mesh import data_parallel_size
 from sid.rl.loss import make_loss_fn, rl_step_stats
 from sid.rl.rewards import REWARDS
 from sid.rl.source import RolloutSource
-from sid.run import RunDir, load_dotenv
-from sid.selection import check_selection
-from sid.tracking import Tracker
-from sid.trainer import check_output_dir, fit, make_optimizer
+from sid.stage import hand_on, stage_main, start_run
+from sid.trainer import fit, make_optimizer
 
 log = logging.getLogger("sid")
 
@@ -96,14 +92,8 @@ def prompt_length(prompts: list[list[int]], buckets: tuple[int, ...]) -> int:
 
 def run_rl(job: RLJob) -> dict:
     """GRPO from `rl.init` (then the export and the test eval); returns run_summary.json's content."""
-    init_distributed(job.mesh)
-    load_dotenv()
-    check_output_dir(job.train)
-    check_selection(job.train, job.eval)
     directory = init_model_dir(job.rl.init)
-    run = RunDir(job.train.output_dir, job)
-    tracker = Tracker(job.wandb, run=run)
-    mesh = make_mesh(job.mesh)
+    run, tracker, mesh = start_run(job)
     rows_data, catalog, bad_rows = load_train_split(job.data, run.path)
     tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run.path), job.data.data_root)
     model = load_policy(job, directory, tok, catalog.sid_tokens())

@@ -1,23 +1,50 @@
-"""What a training entry point (`sid.train`, `sid.rl`) does once `fit` returns: the HF export of the model it hands
-on and the test eval, or the preempted status; and the process exit code that tells a scheduler which it was."""
+"""What every training entry point (`sid.train`, `sid.rl`, `sid.nanogpt`) does around `fit`: at the start, the run
+directory, W&B and the mesh (`start_run`); once `fit` returns, the HF export of the model it hands on and the test
+eval, or the preempted status (`hand_on`); and the process exit code that tells a scheduler which it was."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
+
+import jax
+from jax.sharding import Mesh
 
 from sid.compat.hf import export_qwen2
 from sid.config import run_cli
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.runner import evaluate
 from sid.models.qwen2 import Qwen2
+from sid.parallel.distributed import init_distributed
 from sid.parallel.host import to_host
-from sid.run import RunDir
+from sid.parallel.mesh import make_mesh
+from sid.run import RunDir, load_dotenv
+from sid.selection import check_selection
+from sid.tracking import Tracker
+from sid.trainer import check_output_dir
+
+log = logging.getLogger("sid")
 
 PREEMPTED_EXIT_CODE = 75
 """Exit status of a run stopped by SIGTERM after saving its checkpoint (EX_TEMPFAIL: run it again with
 --train.resume); run_summary.json then says status: preempted. 0: finished; 1: stopped (non-finite loss, a
 checkpoint that cannot be written); 2: bad input."""
+
+
+def start_run(job) -> tuple[RunDir, Tracker, Mesh]:
+    """Join a multi-process run, read `.env`, refuse what would clobber or never feed (an earlier run's checkpoints
+    without `--train.resume`, a selection no evaluation feeds), then open the run directory, W&B (first, so that a
+    W&B that was asked for and cannot log says so at once) and the mesh."""
+    init_distributed(job.mesh)
+    load_dotenv()
+    check_output_dir(job.train)
+    check_selection(job.train, getattr(job, "eval", None))
+    run = RunDir(job.train.output_dir, job)
+    tracker = Tracker(job.wandb, run=run)
+    mesh = make_mesh(job.mesh)
+    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
+    return run, tracker, mesh
 
 
 def export_and_evaluate(job, model: Qwen2, tok: SIDTokenizer, mesh, run: RunDir, tracker) -> None:
