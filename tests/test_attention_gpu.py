@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_qwen2
 
-from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
 
 pytestmark = [
@@ -20,17 +20,7 @@ pytestmark = [
 ]
 
 # head_dim 64 (cuDNN's flash path takes up to 128), GQA 2:1, bf16 compute as in training.
-CFG = ModelConfig(
-    vocab_size=512,
-    hidden_size=256,
-    intermediate_size=512,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    init_std=0.05,
-    compute_dtype="bfloat16",
-    remat="none",
-)
+CFG = tiny_qwen2(vocab_size=512, hidden_size=256, intermediate_size=512, init_std=0.05, compute_dtype="bfloat16")
 
 
 def _with(model: Qwen2, attention: str) -> Qwen2:

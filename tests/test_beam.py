@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_qwen2
 
 from sid.config import MeshConfig
 from sid.eval.beam import beam_search, sharded_beam_search
 from sid.eval.trie import build_trie
 from sid.hlo import hlo_collectives, partitioned_hlo
-from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab
 from sid.parallel.mesh import make_mesh
 from sid.parallel.rules import param_shardings
@@ -45,17 +45,8 @@ def _catalog(codebooks: tuple[int, ...], num_sids: int, *, seed: int):
 
 
 def _model(seed: int = 0) -> Qwen2:
-    cfg = ModelConfig(
-        vocab_size=VALID_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        compute_dtype="float32",
-        remat="none",
-        init_std=0.2,  # score gaps (>= 4e-3 here) far above f32 noise (~5e-6 at scores ~ -25)
-    )
+    # init_std: score gaps (>= 4e-3 here) far above f32 noise (~5e-6 at scores ~ -25)
+    cfg = tiny_qwen2(vocab_size=VALID_VOCAB, init_std=0.2)
     return pad_vocab(Qwen2.init(cfg, key=jax.random.key(seed)), 16)
 
 

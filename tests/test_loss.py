@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_qwen2
 
 import sid.loss
 from sid.config import MeshConfig
 from sid.data.pipeline import NO_TASK, BatchPlan
 from sid.data.tasks import TASKS
 from sid.loss import cross_entropy_by_task, cross_entropy_sum, sft_loss
-from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2
 from sid.parallel.mesh import make_mesh
 from sid.parallel.trace import traced_on
@@ -104,10 +104,7 @@ def test_smoothing_changes_the_loss_and_bad_smoothing_is_refused():
             cross_entropy_sum(h, w, t, valid_vocab=7, label_smoothing=bad)
 
 
-CFG = ModelConfig(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-    init_std=0.2, compute_dtype="float32", remat="none",
-)  # fmt: skip
+CFG = tiny_qwen2(init_std=0.2)
 
 
 def packed_batch(rows: int = 4, max_len: int = 32) -> tuple[dict, list[dict]]:

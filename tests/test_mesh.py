@@ -14,12 +14,13 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny import tiny_qwen2
 
 import sid.loss
 from sid.config import MeshConfig
 from sid.hlo import Collective, hlo_collectives, partitioned_hlo
 from sid.loss import sft_loss
-from sid.models.config import GPTConfig, ModelConfig
+from sid.models.config import GPTConfig
 from sid.models.nanogpt import GPT
 from sid.models.qwen2 import Qwen2
 from sid.nanogpt import gpt_loss
@@ -30,17 +31,7 @@ from sid.parallel.report import device_bytes, sharding_table
 from sid.parallel.rules import PartitionRules, param_shardings, without_axis
 from sid.step import init_state, make_train_step
 
-QWEN = ModelConfig(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    vocab_size=256,
-    tie_word_embeddings=False,
-    compute_dtype="float32",
-    remat="dots",
-)
+QWEN = tiny_qwen2(hidden_size=64, intermediate_size=128, vocab_size=256, tie_word_embeddings=False, remat="dots")
 GPT_CFG = GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=4, n_embd=64, dropout=0.0, compute_dtype="float32")
 REMAT_WARNING = "Involuntary full rematerialization"
 

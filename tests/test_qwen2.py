@@ -8,23 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_qwen2
 
-from sid.models.config import ModelConfig
 from sid.models.qwen2 import Qwen2, pad_vocab, resize_vocab, unpad_vocab
 
 # init_std 0.2 gives O(1) logits, so a masking or cache bug shows far above the tolerances.
-CFG = ModelConfig(
-    vocab_size=96,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    rope_theta=10_000.0,
-    init_std=0.2,
-    compute_dtype="float32",
-    remat="none",
-)
+CFG = tiny_qwen2(vocab_size=96, rope_theta=10_000.0, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +262,9 @@ def test_unrolled_layer_scan_equals_rolled(model):
 def test_train_flops_count_the_head_per_supervised_token(tied):
     from sid.models.flops import train_flops
 
-    cfg = ModelConfig(
-        hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=40,
-        tie_word_embeddings=tied,
+    cfg = tiny_qwen2(
+        hidden_size=16, intermediate_size=24, vocab_size=40, tie_word_embeddings=tied, compute_dtype="bfloat16",
+        remat="full",
     )  # fmt: skip
     model = Qwen2.init(cfg, key=jax.random.key(0))
     # Per layer, by hand: q 16x16 + 16, k and v 16x8 + 8 (2 KV heads of 4), o 16x16, gate/up/down 16x24, 2 norms of 16.

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import tiny_qwen2
 
 from sid.compat.hf import export_qwen2, load_qwen2
 from sid.config import MeshConfig
@@ -18,7 +19,6 @@ from sid.data.tasks import eval_prompts
 from sid.eval.config import EvalConfig
 from sid.eval.runner import Ranker
 from sid.models.build import build_model
-from sid.models.config import ModelConfig
 from sid.models.qwen2 import pad_vocab, unpad_vocab
 from sid.parallel.mesh import make_mesh
 from sid.rl.__main__ import main
@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/rl/cpu/smoke.yaml")
 ITEMS, USERS = 16, 2  # 19 train prompts: each is rolled out several times in a few steps
 ONE_DEVICE = MeshConfig(dp=1, fsdp=1)  # the fastest mesh on a CPU; the resume test runs over fsdp=2
-TINY = ModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_multiple=64)
+TINY = tiny_qwen2(
+    vocab_size=0, hidden_size=64, intermediate_size=128, vocab_multiple=64, compute_dtype="bfloat16", remat="full"
+)
 
 
 def export_untrained(out: Path, *, sid_tokens: bool = True) -> Path:
