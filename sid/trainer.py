@@ -303,9 +303,7 @@ def fit(
         try:
             for done in range(session.start + 1, total_steps + 1):
                 meter.push(done, session.step(next(batches)))
-                if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-                    meter.flush()
-                    session.save(done)
+                # Evaluate before saving: a checkpoint of step `done` then holds the selection with its evaluation.
                 if scheduled := due(evaluators, done, total_steps):
                     meter.flush()
                     session.evaluate(done, scheduled, run, tracker)
@@ -313,6 +311,9 @@ def fit(
                     if session.selection.should_stop:
                         summary.update(early_stopped_at=done)
                         break
+                if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
+                    meter.flush()
+                    session.save(done)
                 if preempt.stop_after(done):
                     meter.flush()
                     session.save(done, wait=True)

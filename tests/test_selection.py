@@ -129,3 +129,25 @@ def test_a_selection_nothing_would_feed_is_refused(train, topk, message):
     with pytest.raises(ConfigError, match=message):
         check_selection(TrainConfig(**train), EvalConfig(topk=topk))
     check_selection(TrainConfig(select_by="hr@10", valid_rank_every=5), EvalConfig(topk=(10,)))
+
+
+def test_resume_from_a_checkpoint_at_an_evaluated_step_keeps_that_evaluation(tmp_path):
+    """Killed after checkpoint 6 (an evaluation step, one stale evaluation since the best at 4), the resumed run
+    still stops at 10 and hands on the uninterrupted run's model: the checkpoint holds step 6's evaluation."""
+
+    class Crash(ToyBatches):
+        def __next__(self):
+            if self.i == 6:
+                raise RuntimeError("killed")
+            return super().__next__()
+
+    kw = dict(steps=12, select_by="ndcg@10", early_stop_patience=3, save_every=2)
+    whole, whole_summary = run_fit(tmp_path / "whole", ToyBatches(), evaluators=[Scripted(SCRIPT, 2)], **kw)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_fit(tmp_path / "run", Crash(), evaluators=[Scripted(SCRIPT, 2)], **kw)
+    second = Scripted(SCRIPT, 2)
+    model, summary = run_fit(tmp_path / "run", ToyBatches(), evaluators=[second], resume=True, **kw)
+    assert summary["start_step"] == 6 and second.seen == [8, 10]
+    assert summary["early_stopped_at"] == 10 and summary["best"] == whole_summary["best"]
+    for a, b in zip(params_of(model), params_of(whole), strict=True):
+        np.testing.assert_array_equal(a, b)
