@@ -55,7 +55,7 @@ def _jax_loss(logp, ref, old, mask, adv, kind, eps):
         logp, jnp.asarray(ref, jnp.float32), old, jnp.asarray(mask), jnp.asarray(adv, jnp.float32),
         beta=BETA, kind=kind, clip_eps=eps,
     )  # fmt: skip
-    return loss_sum / count, stats
+    return loss_sum / count.astype(jnp.float32), stats
 
 
 @pytest.mark.parametrize("kind", ["grpo", "token_mean", "sequence"])
@@ -123,7 +123,7 @@ def test_hand_computed_reductions_and_zero_kl():
     expected = {"grpo": -(1.0 - 0.5) / 2, "token_mean": -(3 * 1.0 - 0.5) / 4, "sequence": -(1.0 - 0.5) / 2}
     for kind, value in expected.items():
         loss_sum, count, stats = grpo_loss(logp, logp, None, mask, adv, beta=0.5, kind=kind)
-        assert float(loss_sum / count) == pytest.approx(value, abs=1e-7)
+        assert float(loss_sum / count.astype(jnp.float32)) == pytest.approx(value, abs=1e-7)
         assert float(stats["kl_sum"]) == 0.0
     np.testing.assert_array_equal(np.asarray(k3_kl(logp, logp)), 0.0)
     assert float(k3_kl(jnp.asarray(-1.0), jnp.asarray(-2.0))) == pytest.approx(np.exp(-1) + 1 - 1, abs=1e-7)

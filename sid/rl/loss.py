@@ -91,7 +91,11 @@ def grpo_loss(
         ratio = jnp.exp(completion_mean(logp - old))
         surrogate, took_clip = _surrogate(ratio, adv, clip_eps)
         loss_sum, count = -(surrogate - beta * completion_mean(kl)).sum(), completions
-        ratio_sum, ratio_units, clipped = (ratio * rows).sum(), completions, (took_clip & rows).sum(dtype=jnp.int32)
+        ratio_sum, ratio_units, clipped = (
+            jnp.where(rows, ratio, 0.0).sum(),
+            completions,
+            (took_clip & rows).sum(dtype=jnp.int32),
+        )
     else:
         ratio = jnp.exp(logp - old)
         surrogate, took_clip = _surrogate(ratio, adv[:, None], clip_eps)
