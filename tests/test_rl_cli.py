@@ -68,16 +68,16 @@ def records(run: Path) -> dict[int, dict]:
     return out
 
 
-def train_hit_rate(model_dir: Path, run_dir: Path, group: int) -> float:
-    """The `rule` reward of a beam rollout, averaged over every train prompt: whether the target is among the
-    `group` best beams (HR@group on the train split), by `sid.eval`'s ranker."""
-    data = DataConfig(source="synthetic", dir="data", synthetic_items=ITEMS, synthetic_users=USERS)
-    rows, catalog, _ = load_split(data, "train", run_dir=run_dir)
+def hit_rate(model_dir: Path, run_dir: Path, split: str, group: int, users: int = USERS) -> float:
+    """HR@group of `sid.eval`'s ranker (`group` beams) over every prompt of `split`: on the train split, the mean
+    `rule` reward of a `group`-beam rollout."""
+    data = DataConfig(source="synthetic", dir="data", synthetic_items=ITEMS, synthetic_users=users)
+    rows, catalog, _ = load_split(data, split, run_dir=run_dir)
     tok = load_tokenizer(TokenizerConfig(path=""), catalog, synthetic_dir(data, run_dir), "")
     model, _ = load_qwen2(model_dir, dataclasses.replace(TINY, compute_dtype="float32", remat="none"))
     pairs = eval_prompts(rows, TasksConfig(eval_prompt="train"))
     cfg = EvalConfig(num_beams=group, topk=(group,), per_device_batch_size=1, prompt_buckets=(128, 256))
-    ranker = Ranker(tok, catalog, [p for p, _ in pairs], cfg, make_mesh(ONE_DEVICE), desc="train")
+    ranker = Ranker(tok, catalog, [p for p, _ in pairs], cfg, make_mesh(ONE_DEVICE), desc=split)
     predictions = ranker(pad_vocab(unpad_vocab(model), TINY.vocab_multiple))
     return float(np.mean([t in ranked for (_, t), ranked in zip(pairs, predictions, strict=True)]))
 
@@ -99,7 +99,7 @@ def test_grpo_raises_the_reward_of_an_untrained_policy(sft_run, tmp_path):
         "1",
     )
     assert main(rl_args(sft_run, out, *args, "--train.learning-rate", "1e-2", "--train.aux-learning-rate", "1e-2")) == 0
-    before, after = train_hit_rate(sft_run / "model", out, 4), train_hit_rate(out / "model", out, 4)
+    before, after = hit_rate(sft_run / "model", out, "train", 4), hit_rate(out / "model", out, "train", 4)
     print(f"train HR@4 (mean rule reward of a 4-beam rollout): {before:.3f} -> {after:.3f}")
     assert after - before >= 3 / 19 - 1e-9  # measured: 7 of the 19 targets among the beams before, 11 after
     logged = records(out)
@@ -110,33 +110,53 @@ def test_grpo_raises_the_reward_of_an_untrained_policy(sft_run, tmp_path):
     assert all(r["rollout/reward_mean"] == pytest.approx(r["rollout/group_hit_rate"] / 4) for r in logged.values())
 
 
-def test_resume_after_sigterm_is_bitwise_equal_to_an_uninterrupted_run(sft_run, tmp_path, monkeypatch):
-    """Sampled rollouts (keys from (seed, step)) and a reference re-synced every 2 steps: preempted after step 2,
-    the resumed run logs the same steps and exports the same model, bit for bit."""
-    extra = ("--rl.rollout", "sample", "--rl.temperature", "1.5", "--rl.ref-sync-every", "2", "--train.max-steps", "4",
-             "--mesh.dp", "1", "--mesh.fsdp", "2")  # fmt: skip
+@pytest.mark.parametrize("alpha, preempt_at", [(1.0, 2), (0.6, 3)])
+def test_resume_after_sigterm_is_bitwise_equal_to_an_uninterrupted_run(
+    sft_run, tmp_path, monkeypatch, alpha, preempt_at
+):
+    """Sampled rollouts (keys from (seed, step)) and a reference synced every 2 steps (a copy of the policy, or
+    mixed into the reference with alpha 0.6): preempted after step 2 (at a sync: the copy is re-made from the
+    resumed policy) or 3 (between syncs: step 2's saved reference is restored), the resumed run logs the same steps
+    and exports the same model, bit for bit."""
+    extra = ("--rl.rollout", "sample", "--rl.temperature", "1.5", "--rl.ref-sync-every", "2", "--rl.ref-sync-alpha",
+             str(alpha), "--train.max-steps", "5", "--mesh.dp", "1", "--mesh.fsdp", "2")  # fmt: skip
     assert main(rl_args(sft_run, tmp_path / "straight", *extra)) == 0
+    assert sorted(int(p.name) for p in (tmp_path / "straight" / "reference").iterdir()) == [2, 4]
 
     draw = RolloutSource.__next__
 
     def preempted(self):
-        if self.step == 1:  # drawing step 2's batch: the step runs, then the trainer saves and stops
+        if self.step == preempt_at - 1:  # drawing this step's batch: the step runs, then the trainer saves and stops
             os.kill(os.getpid(), signal.SIGTERM)
         return draw(self)
 
     monkeypatch.setattr(RolloutSource, "__next__", preempted)
     assert main(rl_args(sft_run, tmp_path / "run", *extra)) == PREEMPTED_EXIT_CODE
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
-    assert summary["train"]["preempted_at"] == 2 and not (tmp_path / "run" / "model").exists()
+    assert summary["train"]["preempted_at"] == preempt_at and not (tmp_path / "run" / "model").exists()
     monkeypatch.setattr(RolloutSource, "__next__", draw)
     assert main(rl_args(sft_run, tmp_path / "run", *extra, "--train.resume")) == 0
 
     got, want = records(tmp_path / "run"), records(tmp_path / "straight")
-    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
     assert got == want
     assert any(r["kl"] > 0 for r in want.values()) and all(r["completion_length"] == 5 for r in want.values())
     weights = "model/model.safetensors"
     assert (tmp_path / "run" / weights).read_bytes() == (tmp_path / "straight" / weights).read_bytes()
+
+
+def test_upstream_options_every_prompt_set_add_gt_and_dynamic_sampling(sft_run, tmp_path):
+    """All three prompt sets rolled out, sampled with dynamic sampling, the target put last in every group: every
+    group then holds the target, the summary counts each set's prompts."""
+    out = tmp_path / "rl"
+    args = ("--rl.prompts", "next_sid", "title2sid", "title_history", "--rl.title-history-samples", "5",
+            "--rl.rollout", "sample", "--rl.dynamic-sampling", "--rl.add-gt", "--rl.group-size", "4",
+            "--rl.reward", "rule", "--train.max-steps", "2", "--mesh.dp", "1", "--mesh.fsdp", "1")  # fmt: skip
+    assert main(rl_args(sft_run, out, *args)) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["rl"]["prompts"] == {"next_sid": 19, "title2sid": ITEMS, "title_history": 5}
+    logged = records(out)
+    assert sorted(logged) == [1, 2] and all(r["rollout/group_hit_rate"] == 1.0 for r in logged.values())
 
 
 def test_an_init_without_a_model_fails_with_one_line(tmp_path, capsys):

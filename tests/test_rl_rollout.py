@@ -1,6 +1,8 @@
 """Rollout -> GRPO batch: the rows' layout, group rewards/advantages/metrics by hand, bad input, and one GRPO step
 through `sid.step`'s jitted train step on a 2-device mesh."""
 
+from types import SimpleNamespace
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -16,7 +18,7 @@ from sid.rl.advantages import group_advantages
 from sid.rl.config import RLConfig
 from sid.rl.loss import completion_logprobs, make_loss_fn, rl_step_stats
 from sid.rl.rewards import get_reward
-from sid.rl.rollout import group_rows, score_groups
+from sid.rl.rollout import dynamic_selection, group_rows, score_groups, target_leaves, with_target_last
 from sid.rl.source import RolloutSource, rollout_columns
 from sid.step import init_state, make_train_step
 
@@ -114,10 +116,32 @@ def test_rollout_columns_give_score_groups_metrics_and_step_stats_divide_them(tr
 def test_prompt_order_is_a_seeded_permutation_per_epoch():
     source = RolloutSource.__new__(RolloutSource)  # only the order bookkeeping: no model, no mesh
     source.targets, source.seed, source.consumed = np.arange(10), 3, 0
-    source.cfg = RLConfig(prompts_per_step=4)
+    source.cfg, source.reference = RLConfig(prompts_per_step=4), SimpleNamespace(resumed=lambda: None)
     drawn = np.concatenate([source._next_prompts() for _ in range(5)])  # 20 prompts: two epochs exactly
     assert sorted(drawn[:10]) == sorted(drawn[10:]) == list(range(10)) and list(drawn[:10]) != list(drawn[10:])
     assert source.get_state() == {"consumed": 20} and source.step == 5
     source.set_state({"consumed": 8})
     again = np.concatenate([source._next_prompts() for _ in range(3)])
     np.testing.assert_array_equal(again, drawn[8:20])
+
+
+def test_dynamic_selection_by_hand():
+    """Upstream's selection: the target's copies first, then the other draws by count (ties by first draw), one
+    copy of each per round."""
+    draws = np.array([[5, 3, 5, 7, 3, 5], [1, 2, 2, 4, 4, 4], [3, 3, 3, 3, 3, 1], [6, 6, 6, 6, 6, 6]])
+    got = dynamic_selection(draws, np.array([3, 9, 3, 2]), 4)
+    np.testing.assert_array_equal(got, [[3, 3, 5, 7], [4, 2, 1, 4], [3, 3, 3, 3], [6, 6, 6, 6]])
+    ties = dynamic_selection(np.array([[8, 2, 2, 8, 5, 5]]), np.array([0]), 4)  # equal counts keep draw order
+    np.testing.assert_array_equal(ties, [[8, 2, 5, 8]])
+    with pytest.raises(ValueError, match="keeps 4 of each prompt's draws, but got 3"):
+        dynamic_selection(draws[:, :3], np.array([3, 9, 3, 2]), 4)
+
+
+def test_add_gt_puts_the_target_last_and_target_leaves_name_a_missing_sid(trie):
+    targets = target_leaves(trie, [trie.sids[5], trie.sids[0]])
+    np.testing.assert_array_equal(targets, [5, 0])
+    leaves = np.array([[1, 2, 3], [0, 4, 6]])
+    np.testing.assert_array_equal(with_target_last(leaves, targets), [[1, 2, 5], [0, 4, 0]])
+    assert leaves[0, 2] == 3  # the rollout's own leaves are left as they were
+    with pytest.raises(ValueError, match="target SID <a_99><b_0><c_0> is not in the catalog's trie"):
+        target_leaves(trie, [trie.sids[1], "<a_99><b_0><c_0>"])

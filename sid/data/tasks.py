@@ -70,26 +70,26 @@ def _next_sid(it: Interaction) -> Sample:
     return Sample(frame(NEXT_SID_INSTRUCTION, next_sid_input(it.history_sids)), it.target_sid + "\n", "next_sid")
 
 
-def _alignment(catalog: Catalog) -> list[Sample]:
-    """SID -> title, then title -> SID, for every item of the catalog that has a title (in item id order)."""
-    items = sorted(i for i in catalog.sids if i in catalog.titles)
-    sid2title = [
-        Sample(
-            frame(ALIGNMENT_INSTRUCTION, f'What is the title of item "{catalog.sids[i]}"?'),
-            catalog.titles[i] + "\n",
-            "sid2title",
-        )
-        for i in items
+def _titled_items(catalog: Catalog) -> list[int]:
+    return sorted(i for i in catalog.sids if i in catalog.titles)
+
+
+def sid2title_samples(catalog: Catalog) -> list[Sample]:
+    """SID -> title for every item of the catalog that has a title (in item id order)."""
+    question = 'What is the title of item "{}"?'
+    return [
+        Sample(frame(ALIGNMENT_INSTRUCTION, question.format(catalog.sids[i])), catalog.titles[i] + "\n", "sid2title")
+        for i in _titled_items(catalog)
     ]
-    title2sid = [
-        Sample(
-            frame(ALIGNMENT_INSTRUCTION, f"Which item has the title: {catalog.titles[i]}?"),
-            catalog.sids[i] + "\n",
-            "title2sid",
-        )
-        for i in items
+
+
+def title2sid_samples(catalog: Catalog) -> list[Sample]:
+    """Title -> SID for every item of the catalog that has a title (in item id order)."""
+    question = "Which item has the title: {}?"
+    return [
+        Sample(frame(ALIGNMENT_INSTRUCTION, question.format(catalog.titles[i])), catalog.sids[i] + "\n", "title2sid")
+        for i in _titled_items(catalog)
     ]
-    return sid2title + title2sid
 
 
 def _fusion(it: Interaction, catalog: Catalog) -> Sample:
@@ -100,7 +100,8 @@ def _fusion(it: Interaction, catalog: Catalog) -> Sample:
     return Sample(frame(FUSION_INSTRUCTION, user_input), catalog.title(it.target_id, "fusion") + "\n", "fusion")
 
 
-def _title_history(it: Interaction, category_text: str) -> Sample:
+def title_history_sample(it: Interaction, category_text: str) -> Sample:
+    """The next SID from the history's item titles."""
     titles = ", ".join(f'"{t}"' for t in it.history_titles)
     # Upstream passes the category text (e.g. "industrial and scientific items") into "... following {} items",
     # so the prompt really says "items items"; kept for parity with its checkpoints.
@@ -133,11 +134,11 @@ def build_sft_samples(
     if tasks.next_sid:
         out += [_next_sid(it) for it in interactions]
     if tasks.alignment:
-        out += _alignment(catalog)
+        out += sid2title_samples(catalog) + title2sid_samples(catalog)
     if tasks.fusion:
         out += [_fusion(it, catalog) for it in interactions]
     if tasks.title_history:
-        out += [_title_history(it, category_text) for it in interactions]
+        out += [title_history_sample(it, category_text) for it in interactions]
     return out
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from sid.compat.hf import hf_model_dir, load_qwen2
 from sid.config import ConfigError
 from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
-from sid.data.tasks import eval_prompts
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.held_out import sft_evaluators
 from sid.eval.runner import catalog_trie
@@ -27,6 +26,7 @@ from sid.models.flops import num_params, train_flops
 from sid.models.qwen2 import Qwen2, pad_vocab, unpad_vocab
 from sid.parallel.mesh import data_parallel_size
 from sid.rl.loss import make_loss_fn, rl_step_stats
+from sid.rl.prompts import rl_prompts
 from sid.rl.rewards import REWARDS
 from sid.rl.source import RolloutSource
 from sid.stage import hand_on, stage_main, start_run
@@ -76,9 +76,13 @@ def check_rl(job: RLJob, mesh, num_leaves: int) -> None:
     if rl.prompts_per_step * rl.group_size % (dp * accum):
         raise ConfigError(f"rl.prompts_per_step x rl.group_size = {rl.prompts_per_step * rl.group_size} rows must "
                           f"split into {dp} data shards x train.grad_accum_steps={accum}")  # fmt: skip
-    if not rl.temperature > 0 or rl.beta < 0 or rl.ref_sync_every < 0:
-        raise ConfigError(f"rl.temperature={rl.temperature} must be > 0, rl.beta={rl.beta} and "
-                          f"rl.ref_sync_every={rl.ref_sync_every} >= 0")  # fmt: skip
+    if not rl.temperature > 0 or rl.beta < 0 or rl.ref_sync_every < 0 or rl.title_history_samples < 0:
+        raise ConfigError(f"rl.temperature={rl.temperature} must be > 0, rl.beta={rl.beta}, rl.ref_sync_every="
+                          f"{rl.ref_sync_every}, rl.title_history_samples={rl.title_history_samples} >= 0")  # fmt: skip
+    if not 0 < rl.ref_sync_alpha <= 1:
+        raise ConfigError(f"rl.ref_sync_alpha={rl.ref_sync_alpha} must be in (0, 1]")
+    if rl.dynamic_sampling and rl.rollout != "sample":
+        raise ConfigError("rl.dynamic_sampling draws extra samples: it needs rl.rollout=sample")
 
 
 def prompt_length(prompts: list[list[int]], buckets: tuple[int, ...]) -> int:
@@ -99,25 +103,32 @@ def run_rl(job: RLJob) -> dict:
     model = load_policy(job, directory, tok, catalog.sid_tokens())
     trie = catalog_trie(tok, catalog)
     check_rl(job, mesh, trie.num_leaves)
-    pairs = eval_prompts(rows_data, job.tasks)
+    sets = rl_prompts(rows_data, catalog, job.tasks, job.rl, job.data.category_text, job.train.seed)
+    pairs = [pair for prompts in sets.values() for pair in prompts]
     prompts = tok.encode_batch([p for p, _ in pairs])
     length = prompt_length(prompts, job.eval.prompt_buckets)
     source = RolloutSource(trie, prompts, [t for _, t in pairs], model, job.rl, mesh, prompt_length=length,
-                           pad_id=tok.pad_id, seed=job.train.seed)  # fmt: skip
+                           pad_id=tok.pad_id, seed=job.train.seed, run_dir=run.path)  # fmt: skip
     steps = job.train.max_steps or math.ceil(job.train.epochs * len(pairs) / job.rl.prompts_per_step)
     rows = job.rl.prompts_per_step * job.rl.group_size
-    log.info("rl: %d train prompts, %d per step x %d completions, %d steps", len(pairs), job.rl.prompts_per_step,
-             job.rl.group_size, steps)  # fmt: skip
+    log.info("rl: %d prompts (%s), %d per step x %d completions, %d steps", len(pairs),
+             ", ".join(f"{name} {len(p)}" for name, p in sets.items()), job.rl.prompts_per_step, job.rl.group_size,
+             steps)  # fmt: skip
     run.update(
-        data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()}, token_extension=token_extension(tok)
+        data={"train_rows": len(rows_data), "bad_rows": bad_rows.as_dict()},
+        token_extension=token_extension(tok),
+        rl={"prompts": {name: len(p) for name, p in sets.items()}},
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
-    model, train = fit(
-        model=model, loss_fn=make_loss_fn(beta=job.rl.beta, kind=job.rl.loss), optimizer=optimizer, lr_schedule=lr,
-        batches=source, total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
-        flops=train_flops(model, length + trie.tables.num_steps), step_stats=rl_step_stats,
-        evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),
-    )  # fmt: skip
+    try:
+        model, train = fit(
+            model=model, loss_fn=make_loss_fn(beta=job.rl.beta, kind=job.rl.loss), optimizer=optimizer,
+            lr_schedule=lr, batches=source, total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
+            flops=train_flops(model, length + trie.tables.num_steps), step_stats=rl_step_stats,
+            evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),
+        )  # fmt: skip
+    finally:
+        source.close()
     run.update(train={**train, "rows_per_step": rows, "init": str(directory)})
     hand_on(job, model, train, tok, mesh, run, tracker)
     return run.summary

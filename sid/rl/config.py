@@ -1,9 +1,12 @@
-"""RLConfig: the GRPO stage's own settings (where the policy starts, rollouts, reward, loss, reference model)."""
+"""RLConfig: the GRPO stage's own settings (where the policy starts, prompts, rollouts, reward, loss, reference)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+PROMPT_TASKS = ("next_sid", "title2sid", "title_history")
+"""RL prompt sets (`RLConfig.prompts`), each with a catalog SID as its target (`sid.rl.prompts`)."""
 
 
 @dataclass(frozen=True)
@@ -14,12 +17,22 @@ class RLConfig:
     init: str = ""
     """Where the policy starts: an SFT run directory (its `model/` HF export, the best model when that run selected
     one) or an HF directory. Relative paths are from the working directory."""
+    prompts: tuple[str, ...] = ("next_sid",)
+    """Prompt sets rolled out (shuffled together): next_sid (the train split's SID histories), title2sid (one per
+    catalog item with a title), title_history (train rows with title histories). Upstream uses all three."""
+    title_history_samples: int = 10000
+    """At most this many title_history prompts, a seeded sample of the train rows (upstream: 10,000; 0 = all)."""
     group_size: int = 16
     """Completions per prompt (G): beams, or samples."""
     rollout: Literal["beam", "sample"] = "beam"
     """Constrained beam search (group = the G best beams, ranked) or constrained sampling with `temperature`."""
     temperature: float = 1.0
     """Sampling temperature (rollout: sample only)."""
+    dynamic_sampling: bool = False
+    """rollout: sample only. Draw int(1.5 G) samples and keep G: the target's copies first, then the other SIDs
+    by how often they were drawn, one of each per round (upstream's dynamic sampling)."""
+    add_gt: bool = False
+    """Replace the last completion of every group with the target SID (upstream's add_gt)."""
     reward: str = "ranking"
     """Reward function by name (sid.rl.rewards.REWARDS): ranking, rule, ranking_only."""
     loss: Literal["grpo", "token_mean", "sequence"] = "grpo"
@@ -30,4 +43,8 @@ class RLConfig:
     prompts_per_step: int = 64
     """Train prompts rolled out per optimizer step (must divide over the mesh's data axes)."""
     ref_sync_every: int = 0
-    """Copy the policy into the reference model every N steps (0: the reference stays the starting model)."""
+    """Update the reference model every N steps (0: the reference stays the starting model)."""
+    ref_sync_alpha: float = 1.0
+    """At a sync, reference <- alpha * policy + (1 - alpha) * reference (1: a copy of the policy; TRL's
+    SyncRefModelCallback mixes with its own default of 0.6). Each synced reference is saved in RUN_DIR/reference
+    for an exact resume."""

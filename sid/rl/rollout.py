@@ -77,3 +77,42 @@ def score_groups(
         "group_hit_rate": float((completions == targets[:, None]).any(axis=1).mean()),
     }
     return rewards, group_advantages(rewards).astype(np.float32), metrics
+
+
+def target_leaves(trie: SidTrie, targets: Sequence[str]) -> np.ndarray:
+    """The trie leaf of each target SID; a target outside the catalog's trie is an error naming it."""
+    leaf_of = {sid: leaf for leaf, sid in enumerate(trie.sids)}
+    missing = [t for t in targets if t not in leaf_of]
+    if missing:
+        raise ValueError(f"target SID {missing[0]} is not in the catalog's trie ({len(missing)} such targets)")
+    return np.array([leaf_of[t] for t in targets], np.int64)
+
+
+def with_target_last(leaves: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Upstream's add_gt: the last completion of every group replaced by the target (even when the group already
+    holds it, as upstream does)."""
+    out = np.array(leaves, copy=True)
+    out[:, -1] = targets
+    return out
+
+
+def dynamic_selection(draws: np.ndarray, targets: np.ndarray, group: int) -> np.ndarray:
+    """Upstream's dynamic sampling: from each prompt's draws (more than `group`), keep `group` completions: the
+    target's copies first (up to `group`), then the other drawn SIDs in order of how often they were drawn (ties
+    by first draw), one copy of each per round while copies remain."""
+    if draws.shape[1] < group:
+        raise ValueError(f"dynamic sampling keeps {group} of each prompt's draws, but got {draws.shape[1]}")
+    return np.stack([_select(row, target, group) for row, target in zip(draws, targets, strict=True)])
+
+
+def _select(draws: np.ndarray, target: int, group: int) -> np.ndarray:
+    values, first, counts = np.unique(draws, return_index=True, return_counts=True)
+    order = sorted(range(len(values)), key=lambda i: (-counts[i], first[i]))
+    remaining = {int(values[i]): int(counts[i]) for i in order}
+    picked = [target] * min(remaining.pop(int(target), 0), group)
+    while len(picked) < group:
+        for leaf in remaining:
+            if remaining[leaf] > 0 and len(picked) < group:
+                picked.append(leaf)
+                remaining[leaf] -= 1
+    return np.asarray(picked, draws.dtype)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sid.eval.beam import sharded_beam_search
@@ -28,12 +28,12 @@ from sid.eval.sampling import sharded_constrained_sample
 from sid.eval.trie import SidTrie
 from sid.parallel.host import global_array, to_host
 from sid.parallel.mesh import batch_sharding
-from sid.parallel.rules import param_shardings
 from sid.parallel.trace import traced_on
 from sid.rl.config import RLConfig
 from sid.rl.loss import completion_logprobs
+from sid.rl.reference import Reference
 from sid.rl.rewards import get_reward
-from sid.rl.rollout import group_rows, score_groups
+from sid.rl.rollout import dynamic_selection, group_rows, score_groups, target_leaves, with_target_last
 
 log = logging.getLogger("sid")
 
@@ -49,26 +49,16 @@ def left_pad(prompts: list[list[int]], length: int, pad_id: int) -> tuple[np.nda
     return ids, mask
 
 
-def placed_copy(model, mesh):
-    """A copy of `model` with its own buffers, sharded like the trainer's params: the train step donates the
-    policy's buffers, so a reference model must never share them."""
-    params, static = eqx.partition(model, eqx.is_array)
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=param_shardings(params, mesh))
-    # Done before returning: on simulated CPU devices, this copy still running beside the next collective program
-    # (the trainer's checkpoint check on resume) once left that program's all-reduce waiting forever.
-    return eqx.combine(jax.block_until_ready(copy(params)), static)
-
-
 class RolloutSource:
     """GRPO batches from the live policy's own rollouts over the train prompts (see the module docstring)."""
 
-    def __init__(self, trie: SidTrie, prompts: list[list[int]], targets: list[str], reference, cfg: RLConfig, mesh,
-                 *, prompt_length: int, pad_id: int, seed: int):  # fmt: skip
+    def __init__(self, trie: SidTrie, prompts: list[list[int]], targets: list[str], start, cfg: RLConfig, mesh,
+                 *, prompt_length: int, pad_id: int, seed: int, run_dir: Path):  # fmt: skip
         self.trie, self.targets, self.cfg, self.mesh, self.seed = trie, np.asarray(targets), cfg, mesh, seed
+        self.target_leaves = target_leaves(trie, targets)
         self.ids, self.mask = left_pad(prompts, prompt_length, pad_id)
         self.reward = get_reward(cfg.reward)
-        self.reference = placed_copy(reference, mesh)
-        self.synced_at: int | None = 0  # the reference is the starting policy, i.e. the policy at step 0
+        self.reference = Reference(start, cfg, mesh, run_dir)
         self.consumed = 0
         self.policy: Callable[[], Any] | None = None
         num_tokens = trie.tables.num_steps
@@ -76,11 +66,10 @@ class RolloutSource:
             traced_on(mesh, lambda m, ids, seg: completion_logprobs(m, ids, seg, num_tokens))
         )
         if cfg.rollout == "beam":
-            self.rollout = sharded_beam_search(mesh, reference, num_beams=cfg.group_size)
+            self.rollout = sharded_beam_search(mesh, start, num_beams=cfg.group_size)
         else:
-            self.rollout = sharded_constrained_sample(
-                mesh, reference, num_samples=cfg.group_size, temperature=cfg.temperature
-            )
+            draws = int(1.5 * cfg.group_size) if cfg.dynamic_sampling else cfg.group_size
+            self.rollout = sharded_constrained_sample(mesh, start, num_samples=draws, temperature=cfg.temperature)
 
     def attach(self, current_model: Callable[[], Any]) -> None:
         """The trainer's live model (called before every rollout)."""
@@ -91,7 +80,10 @@ class RolloutSource:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.consumed = int(state["consumed"])
-        self.synced_at = None if self.cfg.ref_sync_every else 0  # a synced reference is not in the checkpoint
+        self.reference.resumed()
+
+    def close(self) -> None:
+        self.reference.close()
 
     @property
     def step(self) -> int:
@@ -106,29 +98,27 @@ class RolloutSource:
         orders = {e: np.random.default_rng([self.seed, e]).permutation(n) for e in np.unique(positions // n)}
         return np.array([orders[p // n][p % n] for p in positions])
 
-    def _sync_reference(self, policy) -> None:
-        """Copy the policy into the reference every ref_sync_every steps. After a resume from a step between two
-        syncs the policy of the last sync is gone: the reference restarts from the resumed policy (a warning says
-        so; choose save_every as a multiple of ref_sync_every for a resume that matches an uninterrupted run)."""
-        every = self.cfg.ref_sync_every
-        if not every:
-            return
-        due = self.step // every * every
-        if self.synced_at == due:
-            return
-        if self.step != due:
-            log.warning("rl: the reference of step %d is not in the checkpoint; it restarts from step %d's policy",
-                        due, self.step)  # fmt: skip
-        self.reference = placed_copy(policy, self.mesh)
-        self.synced_at = due
-
     def __next__(self) -> dict[str, np.ndarray]:
         if self.policy is None:
             raise RuntimeError("RolloutSource needs attach(current_model) before the first batch")
         policy = self.policy()
-        self._sync_reference(policy)
         step = self.step
+        reference = self.reference.at(step, policy)
         idx = self._next_prompts()
+        leaves = self._rollout(policy, idx, step)
+        rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
+        rows = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves)
+        sharding = batch_sharding(self.mesh)
+        ref_logp = self.ref_logprobs(
+            reference, global_array(rows["input_ids"], sharding), global_array(rows["segment_ids"], sharding)
+        )
+        batch = {**rows, "advantages": advantages.reshape(-1), "ref_logp": np.asarray(to_host(ref_logp))}
+        batch.update(rollout_columns(self.trie, leaves, self.targets[idx], rewards))
+        return process_rows(batch)
+
+    def _rollout(self, policy, idx: np.ndarray, step: int) -> np.ndarray:
+        """The policy's completions (trie leaves [prompts, G]) for the prompts `idx`: beams, or samples (keys from
+        (seed, step)); then dynamic sampling's selection and add_gt's target, when enabled."""
         sharding = batch_sharding(self.mesh)
         ids, mask = global_array(self.ids[idx], sharding), global_array(self.mask[idx], sharding)
         if self.cfg.rollout == "beam":
@@ -137,14 +127,11 @@ class RolloutSource:
             key = jax.random.fold_in(jax.random.key(self.seed), step)
             out = self.rollout(policy, self.trie.tables, ids, mask, key)
         leaves = np.asarray(to_host(out.leaves))
-        rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
-        rows = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves)
-        ref_logp = self.ref_logprobs(
-            self.reference, global_array(rows["input_ids"], sharding), global_array(rows["segment_ids"], sharding)
-        )
-        batch = {**rows, "advantages": advantages.reshape(-1), "ref_logp": np.asarray(to_host(ref_logp))}
-        batch.update(rollout_columns(self.trie, leaves, self.targets[idx], rewards))
-        return process_rows(batch)
+        if self.cfg.dynamic_sampling:
+            leaves = dynamic_selection(leaves, self.target_leaves[idx], self.cfg.group_size)
+        if self.cfg.add_gt:
+            leaves = with_target_last(leaves, self.target_leaves[idx])
+        return leaves
 
 
 def rollout_columns(trie: SidTrie, leaves: np.ndarray, targets: np.ndarray, rewards: np.ndarray) -> dict:
