@@ -1,6 +1,7 @@
 """RQ-KMeans speed and quality: sid.index's JAX residual k-means against a NumPy Lloyd and scikit-learn's KMeans
 running the same recipe (k-means++ seeding, the same number of Lloyd iterations per level) on the same synthetic
-item embeddings.
+item embeddings. sid and scikit-learn seed with greedy k-means++ (2 + floor(ln k) candidates per pick), the NumPy
+reference with plain k-means++ (sid's seeding with `candidates=1`, the tests' reference for it).
 
 Per implementation: wall time of the whole 3-level fit (JAX: the first call, which compiles, and a second one),
 and per level the k-means objective (sum of squared distances to the assigned code) and the relative residual
