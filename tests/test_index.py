@@ -1,9 +1,12 @@
-"""sid.index: k-means against a NumPy reference, balanced capacities, RQ-VAE training, the collision fix (hand-made
-cases), collaborative embeddings on a hand-made interaction set, text embeddings against transformers, bad input,
-and SIDs built end to end that `sid.train` then trains on."""
+"""sid.index: k-means against a NumPy reference and scikit-learn, balanced capacities, RQ-VAE training, the collision
+fix (hand-made cases), collaborative embeddings on a hand-made interaction set, text embeddings against transformers,
+bad input, and SIDs built end to end that `sid.train` then trains on."""
 
+import argparse
 import csv
 import importlib
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -24,7 +27,7 @@ from sid.index.build import relative_error
 from sid.index.collisions import CollisionError, codebook_use, collision_stats, extra_level, make_unique, reassign
 from sid.index.config import EmbedConfig, QuantizerConfig
 from sid.index.embed import EmbeddingError, collaborative, cooccurrence, load_npy, ppmi, truncated_svd
-from sid.index.kmeans import balanced_assign, kmeans, objective
+from sid.index.kmeans import balanced_assign, greedy_candidates, kmeans, kmeans_pp, objective
 from sid.index.residual import rq_kmeans
 from sid.index.rqvae import rq_vae, train_rqvae
 from sid.index.text import item_texts, text_embeddings
@@ -52,15 +55,106 @@ def blobs(n: int, dim: int, centers: int, seed: int, spread: float = 0.2) -> np.
 # k-means
 
 
+def potential(x: np.ndarray, centroids) -> float:
+    """The k-means++ potential: each point's squared distance to its nearest centroid, summed (float64)."""
+    x64, c = x.astype(np.float64), np.asarray(centroids, np.float64)
+    return float(((x64[:, None, :] - c[None]) ** 2).sum(-1).min(1).sum())
+
+
 def test_kmeans_objective_within_one_percent_of_numpy_lloyd(bench):
+    """The bench's NumPy reference is plain k-means++ then Lloyd, so sid runs the same recipe (candidates=1): the
+    comparison checks sid's Lloyd and plain seeding, not the gain of greedy seeding (the scikit-learn test does)."""
     x = blobs(800, 8, 20, seed=0, spread=0.5)
-    ours = min(float(objective(x, *kmeans(x, 20, jax.random.key(s), iters=30))) for s in range(3))
+    ours = min(float(objective(x, *kmeans(x, 20, jax.random.key(s), iters=30, candidates=1))) for s in range(3))
     x64 = x.astype(np.float64)
     ref = []
     for s in range(3):
         c, codes = bench.numpy_kmeans(x64, 20, 30, np.random.default_rng(s))
         ref.append(((x64 - c[codes]) ** 2).sum())
     assert ours <= 1.01 * min(ref), (ours, min(ref))
+
+
+def test_kmeans_objective_matches_sklearn_from_the_same_centers():
+    """From the same k-means++ centers and as many Lloyd steps (2: still moving; 30: converged), sid reaches
+    scikit-learn's objective: within 1% is the issue's bar; they agree to float rounding, so 1e-4 is asserted.
+    scikit-learn draws its own seeding from NumPy's generator, not JAX's, so the centers are handed over."""
+    KMeans = pytest.importorskip("sklearn.cluster").KMeans
+    x = blobs(800, 8, 20, seed=0, spread=0.5)
+    x64 = x.astype(np.float64)
+    for s, iters in itertools.product(range(3), (2, 30)):
+        ours = float(objective(x, *kmeans(x, 20, jax.random.key(s), iters=iters)))
+        init = np.asarray(kmeans_pp(x, 20, jax.random.key(s)))
+        km = KMeans(n_clusters=20, init=init, n_init=1, max_iter=iters, tol=0.0, algorithm="lloyd").fit(x)
+        ref = ((x64 - km.cluster_centers_[km.labels_]) ** 2).sum()
+        assert abs(ours - ref) <= 1e-4 * ref, (s, iters, ours, ref)
+
+
+@pytest.mark.parametrize("data_seed", [0, 1, 2])
+def test_kmeans_objective_within_one_percent_of_sklearn_each_from_its_own_seeding(data_seed):
+    """The issue's bar: sid's default k-means (greedy k-means++, 30 Lloyd steps) within 1% of scikit-learn's
+    KMeans with its own (greedy) k-means++ seeding, best of 3 seeds each. 20 codes for 20 blobs: plain k-means++
+    often leaves two codes in one blob, and with candidates=1 sid misses this bar on all three data sets (3.7%,
+    10.6% and 6.9% above scikit-learn when measured; greedy: 15%, 8% and 10% below)."""
+    KMeans = pytest.importorskip("sklearn.cluster").KMeans
+    x = blobs(800, 8, 20, seed=data_seed, spread=0.5)
+    x64 = x.astype(np.float64)
+    ours = min(float(objective(x, *kmeans(x, 20, jax.random.key(s), iters=30))) for s in range(3))
+    ref = []
+    for s in range(3):
+        km = KMeans(n_clusters=20, init="k-means++", n_init=1, max_iter=30, tol=0.0, algorithm="lloyd", random_state=s)
+        km.fit(x)
+        ref.append(((x64 - km.cluster_centers_[km.labels_]) ** 2).sum())
+    assert ours <= 1.01 * min(ref), (ours, min(ref))
+
+
+def test_greedy_seeding_lowers_the_potential():
+    """Over 10 seeds, greedy k-means++ (the default: 2 + floor(ln 20) = 4 candidates per pick) leaves a lower mean
+    potential than plain k-means++ (candidates=1): 0.71 of it when measured. The bar is 0.9, which a "greedy"
+    seeding that keeps a random or the first candidate (plain k-means++ under other draws) does not reach."""
+    x = blobs(800, 8, 20, seed=0, spread=0.5)
+    assert greedy_candidates(20) == 4 and greedy_candidates(256) == 7 and greedy_candidates(2) == 2
+    greedy = np.mean([potential(x, kmeans_pp(x, 20, jax.random.key(s))) for s in range(10)])
+    plain = np.mean([potential(x, kmeans_pp(x, 20, jax.random.key(s), candidates=1)) for s in range(10)])
+    assert greedy <= 0.9 * plain, (greedy, plain)
+
+
+def test_seeding_is_deterministic_per_seed():
+    x = blobs(300, 4, 6, seed=1)
+    for candidates in (None, 1, 5):
+        first = np.asarray(kmeans_pp(x, 8, jax.random.key(3), candidates))
+        np.testing.assert_array_equal(first, np.asarray(kmeans_pp(x, 8, jax.random.key(3), candidates)))
+        assert not np.array_equal(first, np.asarray(kmeans_pp(x, 8, jax.random.key(4), candidates)))
+        # every centroid is one of the points, and no point is picked twice (300 distinct points)
+        rows = [np.flatnonzero((x == c).all(1)) for c in first]
+        assert all(len(r) == 1 for r in rows) and len({int(r[0]) for r in rows}) == 8
+    with pytest.raises(ValueError, match="at least 1 candidate"):
+        kmeans_pp(x, 8, jax.random.key(3), 0)
+
+
+def test_plain_seeding_draws_what_sid_drew_before_greedy():
+    """candidates=1 (`quantizer.seeding_candidates: 1`) rebuilds the SIDs of before greedy seeding became the
+    default: these rows are what the plain k-means++ of commit a96757e picked (under JAX 0.10.2's threefry)."""
+    x = blobs(200, 4, 6, seed=1)
+    before = {
+        0: [191, 179, 49, 10, 45, 50, 176, 197, 75, 30, 77, 41],
+        7: [99, 151, 28, 9, 116, 17, 180, 199, 150, 42, 148, 57],
+    }
+    for s, rows in before.items():
+        np.testing.assert_array_equal(np.asarray(kmeans_pp(x, 12, jax.random.key(s), candidates=1)), x[rows])
+        assert not np.array_equal(np.asarray(kmeans_pp(x, 12, jax.random.key(s))), x[rows])
+
+
+def test_quantizer_config_passes_seeding_candidates():
+    x = blobs(300, 4, 6, seed=1)
+    assert QuantizerConfig().candidates is None and QuantizerConfig(seeding_candidates=1).candidates == 1
+    plain = QuantizerConfig(levels=2, codebook_size=8, kmeans_iters=5, seeding_candidates=1).build()(x)
+    same = rq_kmeans(x, 2, 8, iters=5, balanced=False, seed=0, candidates=1)
+    greedy = QuantizerConfig(levels=2, codebook_size=8, kmeans_iters=5).build()(x)
+    np.testing.assert_array_equal(plain.codes, same.codes)
+    assert not np.array_equal(plain.codes, greedy.codes)  # so the two checks tell them apart
+    np.testing.assert_array_equal(greedy.codes, rq_kmeans(x, 2, 8, iters=5, balanced=False, seed=0).codes)
+    with pytest.raises(ValueError, match="seeding_candidates"):
+        QuantizerConfig(seeding_candidates=-1)
 
 
 def test_kmeans_is_deterministic_and_assigns_nearest():
@@ -357,9 +451,22 @@ def test_bench_tiny(tmp_path):
     cmd = [sys.executable, "bench/index_speed.py", "--tiny", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     rows = json.loads(out.read_text())["results"]
-    assert [r["implementation"] for r in rows] == ["sid (JAX), first call", "sid (JAX), second call", "NumPy Lloyd"]
+    names = ["sid (JAX), first call", "sid (JAX), second call", "NumPy Lloyd"]
+    sklearn = importlib.util.find_spec("sklearn") is not None
+    assert [r["implementation"] for r in rows] == names + ["scikit-learn KMeans"] * sklearn
     assert rows[0]["levels"] == rows[1]["levels"]  # deterministic
     for r in rows:
         residuals = [lv["relative_residual"] for lv in r["levels"]]
         assert len(residuals) == 2 and residuals[1] < residuals[0] < 1.0
-    assert rows[0]["levels"][-1]["relative_residual"] < 1.1 * rows[2]["levels"][-1]["relative_residual"]
+    for reference in rows[2:]:
+        assert rows[0]["levels"][-1]["relative_residual"] < 1.1 * reference["levels"][-1]["relative_residual"]
+    if sklearn:
+        assert len(rows[3]["lloyd_iterations"]) == 2 and all(1 <= n <= 10 for n in rows[3]["lloyd_iterations"])
+
+
+def test_bench_skips_sklearn_when_missing(bench, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn...` raise ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)
+    x = bench.mixture(100, 4, 5, seed=0)
+    assert bench.sklearn_rows(x, argparse.Namespace(levels=1, codes=4, iters=2, seed=0)) == []
+    assert "scikit-learn is not installed" in capsys.readouterr().err

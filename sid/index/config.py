@@ -56,6 +56,10 @@ class QuantizerConfig:
     """Codes per level."""
     kmeans_iters: int = 50
     """Lloyd iterations per level (also for the RQ-VAE's k-means init)."""
+    seeding_candidates: int = 0
+    """Candidates per k-means++ pick, the one that lowers the k-means objective most kept (also for the RQ-VAE's
+    k-means init). 0: 2 + floor(ln codebook_size) (greedy k-means++, 7 for 256 codes); 1: plain k-means++, the
+    seeding before greedy became the default (it rebuilds the SIDs of that time for a seed)."""
     balanced: bool = False
     """Cap every code at ceil(items / codebook_size) items so each codebook is used evenly."""
     collisions: Fix = "reassign"
@@ -79,6 +83,13 @@ class QuantizerConfig:
     def __post_init__(self):
         if self.levels < 1 or self.codebook_size < 2 or self.kmeans_iters < 1 or self.steps < 1:
             raise ValueError("quantizer.levels >= 1, codebook_size >= 2, kmeans_iters >= 1 and steps >= 1")
+        if self.seeding_candidates < 0:
+            raise ValueError("quantizer.seeding_candidates must be >= 0 (0: 2 + floor(ln codebook_size))")
+
+    @property
+    def candidates(self) -> int | None:
+        """`seeding_candidates` as k-means takes it: None for the greedy default."""
+        return self.seeding_candidates or None
 
     def build(self) -> Callable[[np.ndarray], Quantized]:
         """embeddings [items, dim] -> Quantized."""
@@ -95,6 +106,7 @@ class QuantizerConfig:
             iters=self.kmeans_iters,
             balanced=self.balanced,
             seed=self.seed,
+            candidates=self.candidates,
         )
 
 

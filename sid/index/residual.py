@@ -35,23 +35,30 @@ def capacity(n: int, k: int, balanced: bool) -> int | None:
 
 
 def residual_kmeans(
-    x: np.ndarray, levels: int, k: int, *, iters: int, balanced: bool, key: jax.Array
+    x: np.ndarray, levels: int, k: int, *, iters: int, balanced: bool, key: jax.Array, candidates: int | None = None
 ) -> tuple[list[jax.Array], jax.Array, jax.Array]:
-    """Per-level codebooks [k, d], codes [n, levels] and the residual left before the last level."""
+    """Per-level codebooks [k, d], codes [n, levels] and the residual left before the last level; `candidates` per
+    k-means++ pick (None: greedy k-means++'s default, 1: plain k-means++)."""
     residual = jnp.asarray(x, jnp.float32)
     books, codes, before_last = [], [], residual
     for level_key in jax.random.split(key, levels):
         before_last = residual
-        book, code = kmeans(residual, k, level_key, iters=iters, capacity=capacity(x.shape[0], k, balanced))
+        room = capacity(x.shape[0], k, balanced)
+        book, code = kmeans(residual, k, level_key, iters=iters, capacity=room, candidates=candidates)
         books.append(book)
         codes.append(code)
         residual = residual - book[code]
     return books, jnp.stack(codes, axis=1), before_last
 
 
-def rq_kmeans(x: np.ndarray, levels: int, k: int, *, iters: int, balanced: bool, seed: int) -> Quantized:
+def rq_kmeans(
+    x: np.ndarray, levels: int, k: int, *, iters: int, balanced: bool, seed: int, candidates: int | None = None
+) -> Quantized:
     """RQ-KMeans of `x` [items, dim]: `levels` codebooks of `k` codes each."""
-    books, codes, before_last = residual_kmeans(x, levels, k, iters=iters, balanced=balanced, key=jax.random.key(seed))
+    key = jax.random.key(seed)
+    books, codes, before_last = residual_kmeans(
+        x, levels, k, iters=iters, balanced=balanced, key=key, candidates=candidates
+    )
     stacked = np.stack([np.asarray(b) for b in books])  # [levels, k, d]
 
     def reconstruct(c: np.ndarray) -> np.ndarray:

@@ -35,6 +35,11 @@ class RQVAESettings(Protocol):
     learning_rate: float
     commitment: float
 
+    @property
+    def candidates(self) -> int | None:
+        """Candidates per k-means++ pick (None: greedy k-means++'s default)."""
+        ...
+
 
 class RQVAE(eqx.Module):
     """Encoder MLP -> residual VQ over `levels` codebooks -> decoder MLP."""
@@ -106,7 +111,13 @@ def train_rqvae(x: np.ndarray, cfg: RQVAESettings) -> tuple[RQVAE, list[float]]:
     key_model, key_kmeans, key_batches = jax.random.split(jax.random.key(cfg.seed), 3)
     model = RQVAE.init(x.shape[1], cfg.hidden_dim, cfg.latent_dim, cfg.levels, cfg.codebook_size, key=key_model)
     books, _, _ = residual_kmeans(
-        model.encode(x), cfg.levels, cfg.codebook_size, iters=cfg.kmeans_iters, balanced=False, key=key_kmeans
+        model.encode(x),
+        cfg.levels,
+        cfg.codebook_size,
+        iters=cfg.kmeans_iters,
+        balanced=False,
+        key=key_kmeans,
+        candidates=cfg.candidates,
     )
     model = eqx.tree_at(lambda m: m.codebooks, model, jnp.stack(books))
     optim = optax.adam(cfg.learning_rate)
