@@ -71,6 +71,66 @@ def hf_qwen2_config(cfg: ModelConfig, vocab_rows: int):
     )
 
 
+def load_prompts(spec: dict[str, Any], limit: int):
+    """The test split's tokenizer (with SID tokens) and catalog, and its first `limit` (0 = all) eval prompts,
+    tokenized, with their target SIDs, read as `sid.eval` reads them. `spec` names the data root, the MiniOneRec
+    dataset under it and the tokenizer directory."""
+    from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
+    from sid.data.dataset import load_split
+    from sid.data.tasks import eval_prompts
+    from sid.data.tokenizer import build_tokenizer
+
+    data = DataConfig(source="minionerec", dir=spec["data_dir"], data_root=spec["data_root"])
+    interactions, catalog, _ = load_split(data, "test")
+    tok = build_tokenizer(TokenizerConfig(path=spec["tokenizer"]), catalog.sid_tokens(), data_root=spec["data_root"])
+    pairs = eval_prompts(interactions, TasksConfig())[: limit or None]
+    return tok, catalog, tok.encode_batch([p for p, _ in pairs]), [t for _, t in pairs]
+
+
+def end_ids(tok) -> tuple[int, int]:
+    """The tokens every completion ends with: "\\n" then EOS (as sid.eval.runner)."""
+    newline = tok.encode("\n")
+    assert len(newline) == 1, newline
+    return newline[0], tok.eos_id
+
+
+def upstream_constraint(tok, catalog):
+    """The HF baselines' constraint, written like MiniOneRec's ConstrainedLogitsProcessor: log-softmax, then a Python
+    loop over every (prompt, beam) looking up the allowed next tokens in a dict keyed by the generated prefix, -1e6
+    elsewhere. Returns (the `transformers.LogitsProcessor` class, built with the prompt width; the SID of each SID
+    token path; the SID depth)."""
+    import torch
+    import transformers
+
+    ends = end_ids(tok)
+    sid_of_path = {}
+    allowed: dict[tuple[int, ...], set[int]] = {}  # generated prefix -> allowed next tokens (upstream's hash_dict)
+    for sid in set(catalog.sids.values()):
+        path = tuple(tok.encode(sid))
+        sid_of_path[path] = sid
+        full = path + ends
+        for i in range(len(full)):
+            allowed.setdefault(full[:i], set()).add(full[i])
+    allowed_lists = {k: sorted(v) for k, v in allowed.items()}
+
+    class UpstreamConstraint(transformers.LogitsProcessor):
+        """MiniOneRec's ConstrainedLogitsProcessor, keyed by the tokens generated after the prompt."""
+
+        def __init__(self, prompt_width: int):
+            self.prompt_width = prompt_width
+
+        def __call__(self, input_ids, scores):
+            scores = torch.nn.functional.log_softmax(scores, dim=-1)
+            mask = torch.full_like(scores, -1e6)
+            for row, seq in enumerate(input_ids):
+                tokens = allowed_lists.get(tuple(seq[self.prompt_width :].tolist()), [])
+                if tokens:
+                    mask[row, tokens] = 0
+            return scores + mask
+
+    return UpstreamConstraint, sid_of_path, len(next(iter(sid_of_path)))
+
+
 def sft_train_step(static, optimizer, lr, *, mesh, state_sharding, spec: dict[str, Any]):
     """sid's jitted SFT step (`sid.step.make_train_step` + `sid.loss.sft_loss`) for a benchmark's `spec` (its
     `accum` micro-batches and `gather_once` mode)."""

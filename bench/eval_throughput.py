@@ -30,37 +30,18 @@ import numpy as np
 from common import (
     arch_config,
     cuda_available,
+    end_ids,
     hf_qwen2_config,
     host_environment,
     jax_environment,
     jax_memory,
+    load_prompts,
     markdown_table,
     run_child,
     serve_child,
+    upstream_constraint,
     write_json,
 )
-
-from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
-from sid.data.dataset import load_split
-from sid.data.tasks import eval_prompts
-from sid.data.tokenizer import build_tokenizer
-
-
-def load_prompts(spec: dict[str, Any], limit: int):
-    """The test split's tokenizer (with SID tokens), catalog and tokenized eval prompts (the first `limit`; 0 = all),
-    read as `sid.eval` reads them."""
-    data = DataConfig(source="minionerec", dir=spec["data_dir"], data_root=spec["data_root"])
-    interactions, catalog, _ = load_split(data, "test")
-    tok = build_tokenizer(TokenizerConfig(path=spec["tokenizer"]), catalog.sid_tokens(), data_root=spec["data_root"])
-    pairs = eval_prompts(interactions, TasksConfig())[: limit or None]
-    return tok, catalog, tok.encode_batch([p for p, _ in pairs])
-
-
-def end_ids(tok) -> tuple[int, int]:
-    """The tokens every completion ends with: "\\n" then EOS (as sid.eval.runner)."""
-    newline = tok.encode("\n")
-    assert len(newline) == 1, newline
-    return newline[0], tok.eos_id
 
 
 def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +56,7 @@ def measure_jax(spec: dict[str, Any]) -> dict[str, Any]:
     from sid.parallel.mesh import data_parallel_size, make_mesh
     from sid.parallel.rules import param_shardings
 
-    tok, catalog, prompts = load_prompts(spec, spec["samples"])
+    tok, catalog, prompts, _ = load_prompts(spec, spec["samples"])
     mesh = make_mesh(MeshConfig())
     trie = build_trie(catalog.sids, {t: tok.token_id(t) for t in catalog.sid_tokens()}, end_ids(tok))
     t0 = time.perf_counter()
@@ -126,33 +107,9 @@ def measure_hf(spec: dict[str, Any]) -> dict[str, Any]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    tok, catalog, prompts = load_prompts(spec, spec["hf_samples"])
+    tok, catalog, prompts, _ = load_prompts(spec, spec["hf_samples"])
+    UpstreamConstraint, sid_of_path, depth = upstream_constraint(tok, catalog)
     ends = end_ids(tok)
-    sid_of_path = {}
-    allowed: dict[tuple[int, ...], set[int]] = {}  # generated prefix -> allowed next tokens (upstream's hash_dict)
-    for sid in set(catalog.sids.values()):
-        path = tuple(tok.encode(sid))
-        sid_of_path[path] = sid
-        full = path + ends
-        for i in range(len(full)):
-            allowed.setdefault(full[:i], set()).add(full[i])
-    allowed_lists = {k: sorted(v) for k, v in allowed.items()}
-    depth = len(next(iter(sid_of_path)))
-
-    class UpstreamConstraint(transformers.LogitsProcessor):
-        """MiniOneRec's ConstrainedLogitsProcessor, keyed by the tokens generated after the prompt."""
-
-        def __init__(self, prompt_width: int):
-            self.prompt_width = prompt_width
-
-        def __call__(self, input_ids, scores):
-            scores = torch.nn.functional.log_softmax(scores, dim=-1)
-            mask = torch.full_like(scores, -1e6)
-            for row, seq in enumerate(input_ids):
-                tokens = allowed_lists.get(tuple(seq[self.prompt_width :].tolist()), [])
-                if tokens:
-                    mask[row, tokens] = 0
-            return scores + mask
 
     torch.manual_seed(spec["seed"])
     cfg = arch_config(spec["arch"])

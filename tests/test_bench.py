@@ -37,15 +37,29 @@ TINY_VOCAB = 1000  # train_throughput's tiny vocab (padded to 1024 rows)
 SHAKESPEARE_CHARS = 65
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, shared_data):
-    tmp = tmp_path_factory.mktemp("bench")
-    env = dict(
+def bench_env(shared_data) -> dict[str, str]:
+    """The environment of a bench script's smoke run: CPU, 2 simulated devices, the shared data root."""
+    return dict(
         os.environ,
         JAX_PLATFORMS="cpu",  # Less LLVM optimisation: the smoke runs are dominated by XLA compile time on a small CPU.
         XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
         SID_DATA_ROOT=str(shared_data),
     )
+
+
+def bench_module(monkeypatch, name: str):
+    """bench/NAME.py imported as a module (with bench/ on the path, for its `common` import)."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, shared_data):
+    tmp = tmp_path_factory.mktemp("bench")
+    env = bench_env(shared_data)
     procs = {}
     for name, cmd in SCRIPTS.items():  # output to files: a full pipe would stall a script while we wait on another
         with open(tmp / f"{name}.stdout", "w") as stdout, open(tmp / f"{name}.stderr", "w") as stderr:
@@ -222,10 +236,7 @@ def test_kernel_table_sums_device_streams_per_step():
 
 
 def test_packed_batch_supervises_each_segments_tail(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(monkeypatch, "train_throughput")
     for fraction in (1.0, 0.25):
         b = mod.packed_batch(6, 64, 1000, seed=3, supervised=fraction)
         for r in range(6):
@@ -286,10 +297,7 @@ def test_beam_search_collectives(results):
 
 
 def test_collectives_summed_per_step_and_grouped_by_op(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("step_collectives", ROOT / "bench" / "step_collectives.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module(monkeypatch, "step_collectives")
     loop = "jit(f)/while/body/jvp()/dot_general"
     got = [
         Collective("all-gather", "f32", (4, 8), 128, runs=2, loops=1, op_name=loop),
@@ -308,3 +316,67 @@ def test_collectives_summed_per_step_and_grouped_by_op(monkeypatch):
         "update/all-to-all": {"count": 1, "gb": 76 / 1e9},
         "update/collective-permute": {"count": 2, "gb": 16 / 1e9},
     }
+
+
+@pytest.fixture(scope="module")
+def rl_result(tmp_path_factory, shared_data):
+    """bench/rl_throughput.py --tiny, alone (the `results` scripts are not needed by its tests)."""
+    tmp = tmp_path_factory.mktemp("bench_rl")
+    cmd = [sys.executable, "bench/rl_throughput.py", "--tiny", "--out", str(tmp / "rl.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=bench_env(shared_data), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / "rl.json").read_text()), proc.stdout
+
+
+def test_rl_throughput(rl_result):
+    record, stdout = rl_result
+    ours, base = record["sid"], record["baseline"]
+    assert "error" not in ours and "error" not in base, (ours, base)
+    parts = ("rollout_s", "host_s", "ref_logprobs_s", "update_s")
+    for r in (ours, base):
+        # --tiny: 4 prompts x 4 beams; every completion is Industrial's 3 SID tokens, "\n" and EOS.
+        assert r["rows"] == r["prompts"] * r["group"] == 16 and r["completion_tokens"] == 5
+        assert r["dtype"] == "float32" and r["arch"] == "tiny" and r["accum"] == 2
+        assert all(r[k] > 0 for k in parts) and r["first_step_s"] > 0
+        assert r["step_s"] == pytest.approx(sum(r[k] for k in parts))  # the split covers the whole step
+        assert len(r["step_s_all"]) == 2 and r["step_s"] == pytest.approx(sum(r["step_s_all"]) / 2)
+        assert math.isfinite(r["loss"]) and -1 <= r["reward_mean"] <= 1  # ranking: hit 1, rank penalties sum to -1
+    assert ours["prompt_width"] == 128 and base["prompt_width"] <= 128  # sid pads to the eval bucket, HF to the longest
+    assert base["invalid_completions"] == 0 and ours["devices"] == 2 and ours["xla_bytes"] > 0
+    assert record["baseline_over_sid_step_s"] == pytest.approx(base["step_s"] / ours["step_s"])
+    # The same initial weights (--same-weights): torch's reference log-probs of sid's first rollout match sid's (f32).
+    check = base["cross_check"]
+    assert check["ref_logp_max_abs_diff"] < 1e-4
+    assert check["ref_logp_mean_torch"] == pytest.approx(check["ref_logp_mean_sid"], abs=1e-4)
+    assert "| sid (jax) | tiny | float32 | 16 |" in stdout and "| HF generate + torch | tiny | float32 | 16 |" in stdout
+    proc = subprocess.run(
+        [sys.executable, "bench/rl_throughput.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "--tiny" in proc.stdout and "--out" in proc.stdout, proc.stderr
+
+
+def test_rl_baseline_loss_matches_sid(monkeypatch):
+    """The baseline's GRPO loss (upstream's, in torch) has sid.rl.loss.grpo_loss's value and gradient."""
+    import jax
+    import torch
+
+    from sid.rl.loss import grpo_loss
+
+    mod = bench_module(monkeypatch, "rl_throughput")
+    rng = np.random.default_rng(0)
+    logp = -rng.uniform(0.1, 3.0, (6, 5)).astype(np.float32)
+    ref = (logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32)  # a KL term that is not 0
+    adv = rng.normal(size=6).astype(np.float32)  # not centred: the value is not 0 either
+    mask = np.arange(5)[None, :] < np.array([5, 5, 4, 5, 3, 5])[:, None]  # completions of different lengths
+    beta = 0.1
+
+    def sid_loss(lp):
+        loss_sum, count, _ = grpo_loss(lp, ref, None, mask, adv, beta=beta, kind="grpo")
+        return loss_sum / count
+
+    value, grad = jax.value_and_grad(sid_loss)(logp)
+    lp = torch.tensor(logp, requires_grad=True)
+    loss = mod.torch_grpo_loss(lp, torch.tensor(ref), torch.tensor(adv), torch.tensor(mask, dtype=torch.float32), beta)
+    loss.mean().backward()
+    assert float(loss.mean()) == pytest.approx(float(value), rel=1e-5)
+    np.testing.assert_allclose(lp.grad.numpy(), np.asarray(grad), rtol=1e-5, atol=1e-7)
