@@ -118,12 +118,13 @@ class SidStep:
             trie=catalog_trie(tok, catalog),
             prompts=prompts,
             targets=targets,
-            reference=model,
+            start=model,
             cfg=rl,
             mesh=self.mesh,
             seed=spec["seed"],
             pad_id=tok.pad_id,
             prompt_length=prompt_length(prompts, EvalConfig().prompt_buckets),
+            run_dir=Path(tempfile.gettempdir()),  # a frozen reference (no sync) writes nothing there
         )
         self.prompt_width = self.source.ids.shape[1]
         self._init_update(model, make_loss_fn(beta=BETA, kind="grpo"))
