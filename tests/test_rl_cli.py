@@ -1,6 +1,8 @@
-"""`python -m sid.rl` end to end on a 16-item synthetic catalog: GRPO raises the reward of an untrained policy,
-resume after SIGTERM is bitwise equal to an uninterrupted run, and a bad `rl.init` fails with one line (exit 2)."""
+"""`python -m sid.rl` end to end on a 16-item synthetic catalog: GRPO raises the reward and the valid HR of an SFT
+model trained wrong on purpose, upstream's options run, resume after SIGTERM is bitwise equal to an uninterrupted
+run, and a bad `rl.init` fails with one line (exit 2)."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -15,6 +17,7 @@ from sid.compat.hf import export_qwen2, load_qwen2
 from sid.config import MeshConfig
 from sid.data.config import DataConfig, TasksConfig, TokenizerConfig
 from sid.data.dataset import load_split, load_tokenizer, synthetic_dir
+from sid.data.synthetic import write_synthetic
 from sid.data.tasks import eval_prompts
 from sid.eval.config import EvalConfig
 from sid.eval.runner import Ranker
@@ -24,6 +27,7 @@ from sid.parallel.mesh import make_mesh
 from sid.rl.__main__ import main
 from sid.rl.source import RolloutSource
 from sid.stage import PREEMPTED_EXIT_CODE
+from sid.train import main as sft_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs/rl/cpu/smoke.yaml")
@@ -60,11 +64,14 @@ def rl_args(init: Path, out: Path, *extra: str) -> list[str]:
 
 
 def records(run: Path) -> dict[int, dict]:
-    """metrics.jsonl's step records without the wall-clock figures."""
-    out = {}
+    """metrics.jsonl's records per step (a step's training and held-out records merged) without the wall-clock
+    figures."""
+    out: dict[int, dict] = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
-        out[r["step"]] = {k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s", "mfu")}
+        out.setdefault(r["step"], {}).update(
+            {k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s", "mfu")}
+        )
     return out
 
 
@@ -82,32 +89,51 @@ def hit_rate(model_dir: Path, run_dir: Path, split: str, group: int, users: int 
     return float(np.mean([t in ranked for (_, t), ranked in zip(pairs, predictions, strict=True)]))
 
 
-def test_grpo_raises_the_reward_of_an_untrained_policy(sft_run, tmp_path):
-    """An untrained policy puts the target among its 4 beams for few of the 19 train prompts; 16 GRPO steps with
-    the `rule` reward (1 for the target) push the hits up, so the same beam rollout scores more after."""
-    out = tmp_path / "rl"
-    args = (
-        "--rl.reward",
-        "rule",
-        "--rl.group-size",
-        "4",
-        "--train.max-steps",
-        "16",
-        "--mesh.dp",
-        "1",
-        "--mesh.fsdp",
-        "1",
-    )
-    assert main(rl_args(sft_run, out, *args, "--train.learning-rate", "1e-2", "--train.aux-learning-rate", "1e-2")) == 0
-    before, after = hit_rate(sft_run / "model", out, "train", 4), hit_rate(out / "model", out, "train", 4)
-    print(f"train HR@4 (mean rule reward of a 4-beam rollout): {before:.3f} -> {after:.3f}")
-    assert after - before >= 3 / 19 - 1e-9  # measured: 7 of the 19 targets among the beams before, 11 after
+def shifted_sft_run(out: Path, users: int) -> Path:
+    """An SFT run trained wrong on purpose (`out/sft`): on the synthetic catalog's train split with every row's
+    target replaced by the user's following item, so the model learns to skip one item of the walk (the rows whose
+    target has no following train row are dropped). Same catalog and tokenizer as the RL run's synthetic data."""
+    data = write_synthetic(out / "shifted", num_items=ITEMS, num_users=users, category=DataConfig().category)
+    with open(data / "train.csv", newline="") as f:
+        header, *rows = list(csv.reader(f))
+    user, target = header.index("user_id"), [header.index(c) for c in ("item_title", "item_id", "item_sid")]
+    shifted = [[nxt[i] if i in target else v for i, v in enumerate(row)]
+               for row, nxt in zip(rows[:-1], rows[1:], strict=True) if row[user] == nxt[user]]  # fmt: skip
+    with open(data / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *shifted])
+    args = ["--config", str(ROOT / "configs/train/cpu/smoke.yaml"), "--data.source", "minionerec", "--data.dir",
+            str(data), "--data.category", DataConfig().category, "--data.train-file", "train.csv",
+            "--train.output-dir", str(out / "sft"), "--train.max-steps", "200", "--train.learning-rate", "1e-2",
+            "--train.per-device-batch-size", "4", "--train.grad-accum-steps", "1", "--eval.no-enabled",
+            "--tasks.no-alignment", "--tasks.no-fusion", "--tasks.no-title-history", "--mesh.dp", "1",
+            "--mesh.fsdp", "1"]  # fmt: skip
+    assert sft_main(args) == 0
+    return out / "sft"
+
+
+def test_grpo_fixes_an_sft_model_trained_wrong_on_purpose(tmp_path):
+    """The SFT model above puts the true next item among its 8 beams for 48 of the 79 train prompts and 3 of the 12
+    valid ones. 120 GRPO steps with the `rule` reward (1 for the target) over 8-beam groups raise both: the mean
+    reward of an 8-beam rollout over every train prompt (its HR@8) and the valid HR@8, by `sid.eval`'s ranker;
+    the in-training valid ranking logs the valid metrics."""
+    users, out = 12, tmp_path / "rl"
+    sft = shifted_sft_run(tmp_path, users)
+    args = ("--rl.reward", "rule", "--rl.group-size", "8", "--train.max-steps", "120", "--train.learning-rate", "1e-3",
+            "--train.aux-learning-rate", "1e-3", "--data.synthetic-users", str(users), "--mesh.dp", "1",
+            "--mesh.fsdp", "1", "--train.valid-rank-every", "60", "--train.log-every", "10")  # fmt: skip
+    assert main(rl_args(sft, out, *args)) == 0
+    hr = {(split, m): hit_rate(d / "model", out, split, 8, users) for split in ("train", "valid")
+          for m, d in (("sft", sft), ("rl", out))}  # fmt: skip
+    print({k: round(v, 3) for k, v in hr.items()})
+    # measured: train 48/79 -> 56/79, valid 3/12 -> 8/12
+    assert hr["train", "rl"] - hr["train", "sft"] >= 4 / 79 - 1e-9
+    assert hr["valid", "rl"] - hr["valid", "sft"] >= 3 / 12 - 1e-9
     logged = records(out)
-    assert sorted(logged) == list(range(1, 17))
     assert {"kl", "rollout/reward_mean", "rollout/reward_std", "rollout/zero_advantage_fraction",
-            "rollout/group_hit_rate"} <= set(logged[1])  # fmt: skip
+            "rollout/group_hit_rate", "valid/hr@10", "valid/ndcg@10"} <= set(logged[60]) & set(logged[120])  # fmt: skip
     # With `rule`, a group's mean reward is 1/G when it holds the target once (beams never repeat a SID).
-    assert all(r["rollout/reward_mean"] == pytest.approx(r["rollout/group_hit_rate"] / 4) for r in logged.values())
+    rollouts = [r for r in logged.values() if "kl" in r]
+    assert all(r["rollout/reward_mean"] == pytest.approx(r["rollout/group_hit_rate"] / 8) for r in rollouts)
 
 
 @pytest.mark.parametrize("alpha, preempt_at", [(1.0, 2), (0.6, 3)])
