@@ -453,6 +453,22 @@ def report(result: dict[str, Any], mode: Mode) -> str:
     return "\n".join(lines)
 
 
+def add_rl_options(p: argparse.ArgumentParser) -> None:
+    """--rl and --rl-extra: the SFT -> RL follow-up runs."""
+    p.add_argument(
+        "--rl",
+        metavar="RL_PRESET",
+        help="After each SFT run that succeeds, GRPO on it with this sid.rl preset (relative to the repository "
+        "root), e.g. configs/rl/gpu/letter_instruments.yaml, and the test metrics before and after.",
+    )
+    p.add_argument(
+        "--rl-extra",
+        type=shlex.split,
+        default=[],
+        help="sid.rl flags for every RL run, as one string: --rl-extra='--train.max-steps 300'.",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The bench's options; whatever follows `--` goes to every sid.train run (e.g. `-- --train.epochs 4`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -478,18 +494,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--parallel", type=int, default=1, help="Runs at once (on one GPU each gets 0.9/N of its memory).")
     p.add_argument("--time-limit", type=float, default=0, help="Seconds per run before it is stopped (0: none).")
-    p.add_argument(
-        "--rl",
-        metavar="RL_PRESET",
-        help="After each SFT run that succeeds, GRPO on it with this sid.rl preset (relative to the repository "
-        "root), e.g. configs/rl/gpu/letter_instruments.yaml, and the test metrics before and after.",
-    )
-    p.add_argument(
-        "--rl-extra",
-        type=shlex.split,
-        default=[],
-        help="sid.rl flags for every RL run, as one string: --rl-extra='--train.max-steps 300'.",
-    )
+    add_rl_options(p)
     p.add_argument("--report", type=Path, help="Only print the tables of an earlier results JSON (no runs).")
     p.add_argument("--sweep-dir", type=Path, help="Where the runs go; default runs/quality/MODE-TIMESTAMP.")
     p.add_argument("--out", type=Path, help="Results JSON, rewritten after each run; default SWEEP_DIR/results.json.")
