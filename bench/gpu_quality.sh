@@ -8,7 +8,11 @@
 # run's run_summary.json, config, metrics.jsonl and the tail of its log), then prints a compact table.
 # CPU smoke of the same logic: GPU_QUALITY_SMOKE=1 OUT=/tmp/out bash bench/gpu_quality.sh
 # Knobs: GPU_QUALITY_VARIANTS ("NAME:SEEDS ..."), GPU_QUALITY_PARALLEL, GPU_QUALITY_TOTAL_S, GPU_QUALITY_EXTRA
-# (sid.train flags for every run).
+# (sid.train flags for every run); GPU_QUALITY_RL (an sid.rl preset, e.g. configs/rl/gpu/letter_instruments.yaml;
+# off by default) runs GRPO on top of each SFT run that succeeds and reports the test metrics before and after,
+# GPU_QUALITY_RL_EXTRA (sid.rl flags for every RL run, e.g. "--train.max-steps 300"). How long the RL preset takes
+# on a GPU is not measured: the default SFT sweep alone is sized to the 9 minutes, so with RL sweep fewer runs, e.g.
+#   GPU_QUALITY_RL=configs/rl/gpu/letter_instruments.yaml GPU_QUALITY_VARIANTS="base:0-2" GPU_QUALITY_PARALLEL=3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$SECONDS
@@ -56,6 +60,11 @@ done
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: no GPU listed"
 "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())' || exit 1
 "$PY" -c 'import sid.train' || exit 1 # an import error here costs seconds, not the sweep
+RL_ARGS=()
+if [ -n "${GPU_QUALITY_RL:-}" ]; then
+  "$PY" -c 'import sid.rl.__main__' || exit 1
+  RL_ARGS=(--rl "$GPU_QUALITY_RL" "--rl-extra=${GPU_QUALITY_RL_EXTRA:-}")
+fi
 
 SWEEP=runs/quality/$MODE-sweep
 rm -rf "$SWEEP"
@@ -64,18 +73,18 @@ if [ "$LEFT" -lt 60 ]; then
   echo "only ${LEFT} s left of GPU_QUALITY_TOTAL_S=$TOTAL_S after start-up: no sweep"
   exit 1
 fi
-echo "sweep: mode $MODE, variants $VARIANTS, $PARALLEL at a time, ${LEFT} s left for it"
+echo "sweep: mode $MODE, variants $VARIANTS, $PARALLEL at a time, RL ${GPU_QUALITY_RL:-off}, ${LEFT} s left for it"
 # Each run gets the time left; `timeout` bounds the whole sweep too (quality.py stops its runs on SIGTERM and
-# keeps what finished in results.json).
+# keeps what finished in results.json). An RL run starts when its SFT run ends, in the same queue and budget.
 # shellcheck disable=SC2086 # VARIANTS and GPU_QUALITY_EXTRA are word lists
 timeout -k 20 "$LEFT" "$PY" bench/quality.py --mode "$MODE" --variants $VARIANTS --parallel "$PARALLEL" \
-  --time-limit "$((LEFT - 10))" --sweep-dir "$SWEEP" --out "$OUT/results.json" -- ${GPU_QUALITY_EXTRA:-} \
-  2>&1 | tee "$OUT/quality.txt"
+  --time-limit "$((LEFT - 10))" --sweep-dir "$SWEEP" --out "$OUT/results.json" ${RL_ARGS[@]+"${RL_ARGS[@]}"} \
+  -- ${GPU_QUALITY_EXTRA:-} 2>&1 | tee "$OUT/quality.txt"
 STATUS=${PIPESTATUS[0]}
 echo "sweep exit status $STATUS after $((SECONDS - T0)) s (0: every run finished; 1: some failed or were stopped)"
 
-# One archive: every run's summary, resolved config, metrics.jsonl (its valid curve) and the last 200 lines of its
-# log (flat names).
+# One archive: every run's summary, resolved config, metrics.jsonl (its valid curve; for RL runs also the rollout
+# rewards) and the last 200 lines of its log (flat names; RL runs are NAME-rl).
 STAGE=$(mktemp -d)
 for log in "$SWEEP"/*.log; do
   [ -f "$log" ] || continue

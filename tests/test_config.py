@@ -50,6 +50,28 @@ def test_every_preset_validates(path):
         assert cfg.eval.num_beams >= max(cfg.eval.topk)
 
 
+RL_ON_SFT = {
+    "rl/gpu/letter_instruments.yaml": "train/gpu/letter_instruments.yaml",
+    "rl/cpu/letter_instruments_tiny.yaml": "train/cpu/letter_instruments_tiny.yaml",
+    "rl/cpu/smoke.yaml": "train/cpu/smoke.yaml",
+    "rl/industrial.yaml": "train/v6e-8/sid_sft_qwen25_1p5b_base_industrial_v6e8_e3_adamw_lr3e4.yaml",
+}
+
+
+@pytest.mark.parametrize("rl_preset", RL_ON_SFT)
+def test_rl_presets_start_from_their_sft_presets_run(rl_preset):
+    """rl.init is the SFT preset's output_dir, and the catalog, tokenizer, prompt wording and test protocol are the
+    SFT run's: its export then loads with its SID tokens, and its test metrics compare with the RL run's."""
+    rl, sft = (
+        load_yaml(RLJob, ROOT / "configs" / rl_preset),
+        load_yaml(TrainJob, ROOT / "configs" / RL_ON_SFT[rl_preset]),
+    )
+    assert rl.rl.init == sft.train.output_dir
+    # data.pack is how SFT batches its rows: RL rolls out prompts and never reads it.
+    assert dataclasses.replace(rl.data, pack=sft.data.pack) == sft.data
+    assert (rl.tokenizer, rl.tasks, rl.eval) == (sft.tokenizer, sft.tasks, sft.eval)
+
+
 def test_seed_recipe_values():
     cfg = load_yaml(
         TrainJob, ROOT / "configs/train/v6e-8/sid_sft_qwen25_1p5b_base_industrial_v6e8_e3_muon_lr3e3_aux3e4.yaml"
