@@ -5,8 +5,8 @@ Per step: the next `prompts_per_step` prompts of a seeded per-epoch order -> G c
 policy (constrained beam search, or constrained sampling with a key from (seed, step), optionally with upstream's
 dynamic sampling; optionally the target put last, add_gt) -> rewards and group advantages
 (`sid.rl.rollout.score_groups`) -> `[prompt | completion]` rows (`group_rows`) -> the reference model's
-(`sid.rl.reference`) log-probs of the completions, once per rollout -> host numpy arrays. The state is the number of prompts consumed, so
-a resumed run draws the same prompts and keys.
+(`sid.rl.reference`) log-probs of the completions, once per rollout -> host numpy arrays. The state is the number
+of prompts consumed, so a resumed run draws the same prompts and keys.
 
 The rollout's figures travel as per-row `rollout/<name>` columns (each group's value on each of its G rows), which
 `sid.rl.loss.make_loss_fn` sums into the step's stats: they reach metrics.jsonl and W&B through the trainer's own
