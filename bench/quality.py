@@ -145,7 +145,9 @@ class Run:
 
     def follow_up(self) -> Run:
         """The RL run on top of this SFT run, beside it in the sweep directory."""
-        return Run(self.variant, self.seed, self.out_dir.with_name(f"{self.out_dir.name}-rl"), init=self.out_dir)
+        return Run(
+            self.variant, self.seed, self.out_dir.with_name(run_name(self.variant, self.seed, "rl")), init=self.out_dir
+        )
 
     def command(self, mode: Mode, extra: list[str]) -> list[str]:
         return [

@@ -56,6 +56,7 @@ class RolloutSource:
     def __init__(self, trie: SidTrie, prompts: list[list[int]], targets: list[str], start, cfg: RLConfig, mesh,
                  *, prompt_length: int, pad_id: int, seed: int, run_dir: Path):  # fmt: skip
         self.trie, self.targets, self.cfg, self.mesh, self.seed = trie, np.asarray(targets), cfg, mesh, seed
+        self.sharding = batch_sharding(mesh)
         self.target_leaves = target_leaves(trie, targets)
         self.ids, self.mask = left_pad(prompts, prompt_length, pad_id)
         self.reward = get_reward(cfg.reward)
@@ -109,10 +110,8 @@ class RolloutSource:
         leaves = self._rollout(policy, idx, step)
         rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
         rows = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves)
-        sharding = batch_sharding(self.mesh)
-        ref_logp = self.ref_logprobs(
-            reference, global_array(rows["input_ids"], sharding), global_array(rows["segment_ids"], sharding)
-        )
+        ids, segments = (global_array(rows[k], self.sharding) for k in ("input_ids", "segment_ids"))
+        ref_logp = self.ref_logprobs(reference, ids, segments)
         batch = {**rows, "advantages": advantages.reshape(-1), "ref_logp": np.asarray(to_host(ref_logp))}
         batch.update(rollout_columns(self.trie, leaves, self.targets[idx], rewards))
         return process_rows(batch)
@@ -120,8 +119,7 @@ class RolloutSource:
     def _rollout(self, policy, idx: np.ndarray, step: int) -> np.ndarray:
         """The policy's completions (trie leaves [prompts, G]) for the prompts `idx`: beams, or samples (keys from
         (seed, step)); then dynamic sampling's selection and add_gt's target, when enabled."""
-        sharding = batch_sharding(self.mesh)
-        ids, mask = global_array(self.ids[idx], sharding), global_array(self.mask[idx], sharding)
+        ids, mask = global_array(self.ids[idx], self.sharding), global_array(self.mask[idx], self.sharding)
         if self.cfg.rollout == "beam":
             out = self.rollout(policy, self.trie.tables, ids, mask)
         else:
