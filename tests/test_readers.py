@@ -3,6 +3,7 @@
 import ast
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from sid.data import errors
 from sid.data.errors import BadRowReport
 from sid.data.letter import leave_one_out, read_letter
-from sid.data.minionerec import load_catalog, read_csv
+from sid.data.minionerec import description_entries, load_catalog, read_csv
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny"
@@ -38,6 +39,54 @@ def test_catalog_matches_the_raw_files(industrial, catalog):
     assert sum(len(x) for x in shared) - len(shared) == 16
     for sid, ids in catalog.items_by_sid.items():
         assert all(catalog.sids[i] == sid for i in ids)
+
+
+def test_catalog_descriptions_are_the_first_entry_of_each_list(industrial, catalog):
+    items = json.loads((industrial / "Industrial_and_Scientific.item.json").read_text())
+    expected, malformed = {}, {}
+    for key, feat in items.items():  # independently: the raw descriptions are Python list literals or text
+        raw = feat["description"]
+        try:
+            entries = ast.literal_eval(raw) if raw[:1] == "[" and raw[-1:] == "]" else [raw]
+        except SyntaxError:  # an unescaped quote inside an entry
+            malformed[int(key)] = raw
+            continue
+        if first := next((e.strip() for e in entries if e.strip()), None):
+            expected[int(key)] = first
+    assert {i: d for i, d in catalog.descriptions.items() if i not in malformed} == expected
+    assert 3000 < len(expected) < len(items) and 0 < len(malformed) < 20  # 229 items have an empty description
+    for item, raw in malformed.items():  # the first entry, up to "', '" (or the list's end)
+        first = catalog.descriptions[item]
+        assert raw[2:].startswith(first) and re.match(r"""['"](, ['"]|]$)""", raw[len(first) + 2 :])
+
+
+@pytest.mark.parametrize(
+    "value,entries",
+    [
+        ("Six strings.", ["Six strings."]),
+        ("['One', 'Two']", ["One", "Two"]),
+        ('["It\'s one", "two"]', ["It's one", "two"]),
+        (["json", " list ", ""], ["json", "list"]),
+        ("['', '  ', 'third']", ["third"]),
+        ("[]", []),
+        ("", []),
+        ("[Pack of 3]", ["[Pack of 3]"]),  # looks like a list, is text
+        ("['5' long', \"it's\", 'c']", ["5' long", "it's", "c"]),  # an unescaped quote
+        ("[1, 'a']", ["a"]),
+        (None, []),
+    ],
+)
+def test_description_entries(value, entries):
+    assert description_entries(value) == entries
+
+
+def test_bad_description_names_file_line_and_item(tmp_path):
+    (tmp_path / "X.index.json").write_text('{"0": ["<a_1>"], "1": ["<a_2>"]}')
+    (tmp_path / "X.item.json").write_text('{"0": {"title": "a"},\n "1": {"title": "b", "description": 7}}')
+    with pytest.raises(errors.FieldValueError, match=r"X.item.json:2: field '1.description': expected text or a list"):
+        load_catalog(tmp_path, "X")
+    (tmp_path / "X.item.json").write_text('{"0": {"title": "a"}, "1": {"title": "b", "description": "[\'bee\']"}}')
+    assert load_catalog(tmp_path, "X").descriptions == {1: "bee"}
 
 
 @pytest.mark.parametrize("name,rows", [("test.csv", 4533), ("valid.csv", 4532), ("train_partial.csv", 10393)])

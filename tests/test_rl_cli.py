@@ -172,15 +172,21 @@ def test_resume_after_sigterm_is_bitwise_equal_to_an_uninterrupted_run(
 
 
 def test_upstream_options_every_prompt_set_add_gt_and_dynamic_sampling(sft_run, tmp_path):
-    """All three prompt sets rolled out, sampled with dynamic sampling, the target put last in every group: every
+    """All four prompt sets rolled out, sampled with dynamic sampling, the target put last in every group: every
     group then holds the target, the summary counts each set's prompts."""
     out = tmp_path / "rl"
-    args = ("--rl.prompts", "next_sid", "title2sid", "title_history", "--rl.title-history-samples", "5",
+    args = ("--rl.prompts", "next_sid", "title2sid", "description2sid", "title_history",
+            "--rl.title-history-samples", "5",
             "--rl.rollout", "sample", "--rl.dynamic-sampling", "--rl.add-gt", "--rl.group-size", "4",
             "--rl.reward", "rule", "--train.max-steps", "2", "--mesh.dp", "1", "--mesh.fsdp", "1")  # fmt: skip
     assert main(rl_args(sft_run, out, *args)) == 0
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["rl"]["prompts"] == {"next_sid": 19, "title2sid": ITEMS, "title_history": 5}
+    assert summary["rl"]["prompts"] == {
+        "next_sid": 19,
+        "title2sid": ITEMS,
+        "description2sid": ITEMS,
+        "title_history": 5,
+    }
     logged = records(out)
     assert sorted(logged) == [1, 2] and all(r["rollout/group_hit_rate"] == 1.0 for r in logged.values())
 

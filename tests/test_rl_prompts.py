@@ -1,5 +1,6 @@
 """The RL prompt sets (`sid.rl.prompts.rl_prompts`): each set's count, wording and target, the seeded title-history
-sample, and one-line errors for an unknown set and for title sets on a dataset without titles."""
+sample, one prompt per distinct title or description (none for one naming items of different SIDs), and one-line
+errors for an unknown set and for title or description sets on a dataset without them."""
 
 import pytest
 
@@ -8,7 +9,7 @@ from sid.data.config import DataConfig, TasksConfig
 from sid.data.dataset import load_split
 from sid.data.minionerec import Catalog
 from sid.data.tasks import ALIGNMENT_INSTRUCTION, TITLE_HISTORY_INSTRUCTION, eval_prompts, frame
-from sid.rl.config import RLConfig
+from sid.rl.config import PROMPT_TASKS, RLConfig
 from sid.rl.prompts import rl_prompts
 
 TASKS = TasksConfig(eval_prompt="train")
@@ -25,7 +26,7 @@ def prompts(split, *names, samples=10000, seed=0):
     rows, catalog = split
     cfg = RLConfig(prompts=names, title_history_samples=samples)
     sets = rl_prompts(rows, catalog, TASKS, cfg, "synthetic items", seed)
-    assert list(sets) == [n for n in ("next_sid", "title2sid", "title_history") if n in names]
+    assert list(sets) == [n for n in PROMPT_TASKS if n in names]
     return [pair for pairs in sets.values() for pair in pairs]
 
 
@@ -47,6 +48,22 @@ def test_each_set_has_its_count_wording_and_target(split):
     assert everything == prompts(split, "next_sid") + title2sid + history
 
 
+def test_description_and_title_sets_have_one_answer_per_prompt(split):
+    rows, catalog = split
+    a, b, c, d = sorted(catalog.sids)[:4]
+    sids = catalog.sids | {d: catalog.sids[a]}  # a and d share an SID, as some catalog items do
+    descriptions = {a: "Red, six strings.", b: "A drum.", c: "A drum.", d: "Red, six strings."}
+    titles = catalog.titles | {c: catalog.titles[b]}  # b and c: one title, two SIDs
+    edited = Catalog(sids, titles, catalog.levels, "X.index.json", descriptions)
+    sets = rl_prompts(rows, edited, TASKS, RLConfig(prompts=("description2sid", "title2sid")), "items", 0)
+    # a and d: one description, one SID, so one prompt; b and c: one description, two SIDs, so none.
+    question = f'An item can be described as follows: "{descriptions[a]}". Which item is it describing?'
+    assert sets["description2sid"] == [(frame(ALIGNMENT_INSTRUCTION, question), sids[a])]
+    by_title = {titles[i]: sids[i] for i in sorted(titles) if titles[i] != titles[b]}
+    question = "Which item has the title: {}?"
+    assert sets["title2sid"] == [(frame(ALIGNMENT_INSTRUCTION, question.format(t)), sid) for t, sid in by_title.items()]
+
+
 def test_title_history_sample_is_seeded_and_in_train_order(split):
     rows, _ = split
     full = prompts(split, "title_history")
@@ -65,6 +82,6 @@ def test_bad_sets_fail_with_one_line(split):
     with pytest.raises(ConfigError, match="give one or more"):
         prompts(split)
     untitled = Catalog(sids=catalog.sids, titles={}, levels=catalog.levels, index_path="Instruments.index.json")
-    for name in ("title2sid", "title_history"):
-        with pytest.raises(ConfigError, match=f"rl.prompts: {name} needs item titles, but Instruments.index.json"):
+    for name, what in (("title2sid", "titles"), ("description2sid", "descriptions"), ("title_history", "titles")):
+        with pytest.raises(ConfigError, match=f"rl.prompts: {name} needs item {what}, but Instruments.index.json"):
             rl_prompts(rows, untitled, TASKS, RLConfig(prompts=(name,)), "items", 0)

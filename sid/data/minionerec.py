@@ -21,7 +21,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ CSV_COLUMNS = (
     "item_sid",
 )
 LEVELS = "abcdefghijklmnopqrstuvwxyz"
+_LIST_SEPARATOR = re.compile(r"""['"], ['"]""")
 # surrogateescape turns each undecodable byte into one lone surrogate in this range.
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
 
@@ -74,7 +75,7 @@ class Interaction:
 
 @dataclass(frozen=True)
 class Catalog:
-    """The items of a dataset: item id -> SID string (always) and title (when the dataset has titles).
+    """The items of a dataset: item id -> SID string (always), title and description (when the dataset has them).
 
     SIDs are not unique (3,670 SIDs for 3,686 Industrial items), so `items_by_sid` maps to lists.
     """
@@ -86,6 +87,8 @@ class Catalog:
     """Tokens per SID."""
     index_path: str
     """The index file, for error messages."""
+    descriptions: dict[int, str] = field(default_factory=dict)
+    """Item id -> description text (`description_text`), for the items whose description has any text."""
 
     @cached_property
     def items_by_sid(self) -> dict[str, list[int]]:
@@ -219,15 +222,36 @@ def read_index(path: Path) -> tuple[dict[int, str], int]:
     return sids, levels
 
 
-def read_item_titles(path: Path) -> dict[int, str]:
-    """`*.item.json` -> item id -> title."""
+def description_entries(value: Any) -> list[str]:
+    """The non-empty text entries of an item's `description`: plain text, a JSON list of strings, or a string
+    holding a Python list literal (how Amazon's metadata dumps write most of them: "['first', 'second']")."""
+    if isinstance(value, str) and value.startswith("[") and value.endswith("]"):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            # Some dumps leave a quote inside an entry unescaped; their entries still end at "', '".
+            if value[1:2] in ("'", '"'):
+                value = _LIST_SEPARATOR.split(value[2:-2])
+    entries = value if isinstance(value, list) else [value]
+    return [e.strip() for e in entries if isinstance(e, str) and e.strip()]
+
+
+def read_item_json(path: Path) -> tuple[dict[int, str], dict[int, str]]:
+    """`*.item.json` -> (item id -> title, item id -> description). An item's description is the first non-empty
+    entry of its `description` (upstream's RL stage takes the first entry); items without one are left out."""
     titles: dict[int, str] = {}
+    descriptions: dict[int, str] = {}
     for key, feat, line in read_json_object(path):
         item = _item_id(path, line, key, key)
         if not isinstance(feat, dict) or not isinstance(feat.get("title"), str):
             raise MalformedJSONError(path, line, key, "expected an object with a string 'title'")
+        description = feat.get("description", "")
+        if not isinstance(description, (str, list)):
+            raise FieldValueError(path, line, f"{key}.description", f"expected text or a list, got {description!r}")
         titles[item] = feat["title"]
-    return titles
+        if entries := description_entries(description):
+            descriptions[item] = entries[0]
+    return titles, descriptions
 
 
 def read_info(path: Path) -> list[tuple[str, str, int, int]]:
@@ -258,7 +282,7 @@ def load_catalog(directory: Path, category: str) -> Catalog:
         raise FileNotFoundError(f"index file {index_path} not found (data.dir / data.category)")
     sids, levels = read_index(index_path)
     item_path, info_path = directory / f"{category}.item.json", directory / "info.txt"
-    titles = read_item_titles(item_path) if item_path.is_file() else {}
+    titles, descriptions = read_item_json(item_path) if item_path.is_file() else ({}, {})
     for item in titles:
         if item not in sids:
             raise UnknownItemError(item_path, None, str(item), "item is not in the index file")
@@ -275,7 +299,7 @@ def load_catalog(directory: Path, category: str) -> Catalog:
                 raise FieldValueError(
                     info_path, line, "title", f"{title!r} but {item_path.name} says {titles.get(item)!r}"
                 )
-    return Catalog(sids=sids, titles=titles, levels=levels, index_path=str(index_path))
+    return Catalog(sids=sids, titles=titles, levels=levels, index_path=str(index_path), descriptions=descriptions)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -170,7 +170,16 @@ def write_synthetic(
     changed |= _write(out / "info.txt", info.encode("utf-8"))
     index = {str(i): [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"] for i, (a, b, c) in enumerate(codes)}
     changed |= _write(out / f"{category}.index.json", json.dumps(index).encode("utf-8"))
-    items = {str(i): {"title": titles[i], "description": "", "brand": "", "categories": ""} for i in range(num_items)}
+    # Descriptions as Amazon's metadata dumps write them: a Python list literal in a string.
+    items = {
+        str(i): {
+            "title": titles[i],
+            "description": str([f"The {titles[i]}, a synthetic item."]),
+            "brand": "",
+            "categories": "",
+        }
+        for i in range(num_items)
+    }
     changed |= _write(out / f"{category}.item.json", json.dumps(items, indent=2).encode("utf-8"))
     if changed or not (out / "tokenizer.json").is_file():  # same files, same tokenizer: skip retraining
         _write_tokenizer(out, category)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sid.compat.hf import load_qwen2
 from sid.data.config import TokenizerConfig
-from sid.data.minionerec import read_json_object
+from sid.data.minionerec import description_entries, read_json_object
 from sid.data.tokenizer import build_tokenizer
 from sid.index.config import EmbedConfig
 from sid.index.embed import EmbeddingError
@@ -27,7 +27,8 @@ from sid.models.qwen2 import Qwen2
 
 
 def item_texts(path: Path, item_ids: Sequence[int]) -> list[str]:
-    """ "title description" of each item from `{category}.item.json`; a missing item or text is an error."""
+    """Each item's title and its description's entries, from `{category}.item.json`; a missing item or text is an
+    error."""
     if not path.is_file():
         raise FileNotFoundError(f"item file {path} not found (text embeddings need titles)")
     entries = {key: (value, line) for key, value, line in read_json_object(path)}
@@ -40,11 +41,12 @@ def item_texts(path: Path, item_ids: Sequence[int]) -> list[str]:
         value, line = entries[str(item)]
         if not isinstance(value, dict):
             raise EmbeddingError(path, line, f"item {item}", "expected an object with 'title' / 'description'")
-        parts = [value.get("title"), value.get("description")]
-        text = " ".join(" ".join(p) if isinstance(p, list) else p for p in parts if isinstance(p, (str, list)))
-        if not text.strip():
+        title = value.get("title")
+        parts = [title.strip()] if isinstance(title, str) else []
+        text = " ".join(p for p in parts + description_entries(value.get("description")) if p)
+        if not text:
             raise EmbeddingError(path, line, f"item {item}", "no title or description text")
-        texts.append(text.strip())
+        texts.append(text)
     return texts
 
 

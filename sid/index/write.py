@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sid.data.errors import BadRowReport, FieldValueError
-from sid.data.minionerec import CSV_COLUMNS, LEVELS, iter_csv, read_item_titles
+from sid.data.minionerec import CSV_COLUMNS, LEVELS, iter_csv, read_item_json
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -59,7 +59,7 @@ def copy_file(src: Path, out_dir: Path) -> None:
 
 def write_info(out_dir: Path, item_json: Path, sids: dict[int, str]) -> None:
     """`info.txt`: SID, title and item id per item, tab-separated, in item id order."""
-    titles = read_item_titles(item_json)
+    titles, _ = read_item_json(item_json)
     lines = [f"{sids[item]}\t{titles[item]}\t{item}\n" for item in sorted(sids) if item in titles]
     write_atomic(out_dir / "info.txt", "".join(lines).encode("utf-8"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-PROMPT_TASKS = ("next_sid", "title2sid", "title_history")
+PROMPT_TASKS = ("next_sid", "title2sid", "description2sid", "title_history")
 """RL prompt sets (`RLConfig.prompts`), each with a catalog SID as its target (`sid.rl.prompts`)."""
 
 
@@ -18,8 +18,9 @@ class RLConfig:
     """Where the policy starts: an SFT run directory (its `model/` HF export, the best model when that run selected
     one) or an HF directory. Relative paths are from the working directory."""
     prompts: tuple[str, ...] = ("next_sid",)
-    """Prompt sets rolled out (shuffled together): next_sid (the train split's SID histories), title2sid (one per
-    catalog item with a title), title_history (train rows with title histories). Upstream uses all three."""
+    """Prompt sets rolled out (shuffled together): next_sid (the train split's SID histories), title2sid and
+    description2sid (one per distinct title / description of the catalog), title_history (train rows with title
+    histories). Upstream uses all four."""
     title_history_samples: int = 10000
     """At most this many title_history prompts, a seeded sample of the train rows (upstream: 10,000; 0 = all)."""
     group_size: int = 16

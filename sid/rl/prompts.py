@@ -1,30 +1,54 @@
 """The RL stage's prompts: (prompt text, target SID) pairs from the prompt sets `rl.prompts` names.
 
-Upstream's RL stage rolls out three sets shuffled together: the train split's SID histories, one title -> SID
-question per catalog item (and one per item description, which sid's catalog does not read), and a sample of
-10,000 train rows given as title histories. sid words each set as its SFT task does (`sid.data.tasks`), in the
-frame the SFT model was trained with; docs/rl.md records upstream's RL wording, which differs from its own SFT's.
+Upstream's RL stage rolls out its train split's SID histories, one title -> SID and one description -> SID question
+per catalog item, and a sample of 10,000 train rows given as title histories. sid words each set as its SFT task
+does (`sid.data.tasks`; description -> SID, which sid's SFT does not train, in the title -> SID frame) in the frame
+the SFT model was trained with; docs/rl.md records upstream's RL wording, which differs from its own SFT's.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from sid.data.config import TasksConfig
 from sid.data.minionerec import Catalog, Interaction
-from sid.data.tasks import eval_prompts, title2sid_samples, title_history_sample
+from sid.data.tasks import ALIGNMENT_INSTRUCTION, eval_prompts, frame, title2sid_samples, title_history_sample
 from sid.errors import ConfigError
 from sid.rl.config import PROMPT_TASKS, RLConfig
 
+log = logging.getLogger(__name__)
 
-def _needs_titles(name: str, catalog: Catalog) -> None:
-    if not catalog.titles:
+
+def _needs(name: str, what: str, have: dict, catalog: Catalog) -> None:
+    if not have:
         raise ConfigError(
-            f"rl.prompts: {name} needs item titles, but {catalog.index_path}'s dataset has none (LETTER ships no "
+            f"rl.prompts: {name} needs item {what}, but {catalog.index_path}'s dataset has none (LETTER ships no "
             "item.json); leave it out of rl.prompts"
         )
+
+
+def one_answer(name: str, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One pair per distinct prompt, in first-seen order. A prompt asked of items with different SIDs (two items
+    with the same title or description) has no one right answer, so it is left out."""
+    sids: dict[str, set[str]] = {}
+    for prompt, sid in pairs:
+        sids.setdefault(prompt, set()).add(sid)
+    kept = [(prompt, next(iter(s))) for prompt, s in sids.items() if len(s) == 1]
+    if len(kept) < len(sids):
+        log.info("rl.prompts: %s leaves out %d prompts that name items of different SIDs", name, len(sids) - len(kept))
+    return kept
+
+
+def description2sid(catalog: Catalog) -> list[tuple[str, str]]:
+    """(prompt, SID) for every item with a description, in item id order, in upstream's RL question."""
+    question = 'An item can be described as follows: "{}". Which item is it describing?'
+    return [
+        (frame(ALIGNMENT_INSTRUCTION, question.format(d)), catalog.sids[i])
+        for i, d in sorted(catalog.descriptions.items())
+    ]
 
 
 def _title_history(rows: Sequence[Interaction], rl: RLConfig, category_text: str, seed: int) -> list[tuple[str, str]]:
@@ -48,9 +72,13 @@ def rl_prompts(
     if "next_sid" in rl.prompts:
         out["next_sid"] = eval_prompts(rows, tasks)
     if "title2sid" in rl.prompts:
-        _needs_titles("title2sid", catalog)
-        out["title2sid"] = [(s.prompt, s.completion.removesuffix("\n")) for s in title2sid_samples(catalog)]
+        _needs("title2sid", "titles", catalog.titles, catalog)
+        titles = [(s.prompt, s.completion.removesuffix("\n")) for s in title2sid_samples(catalog)]
+        out["title2sid"] = one_answer("title2sid", titles)
+    if "description2sid" in rl.prompts:
+        _needs("description2sid", "descriptions", catalog.descriptions, catalog)
+        out["description2sid"] = one_answer("description2sid", description2sid(catalog))
     if "title_history" in rl.prompts:
-        _needs_titles("title_history", catalog)
+        _needs("title_history", "titles", catalog.titles, catalog)
         out["title_history"] = _title_history(rows, rl, category_text, seed)
     return out
