@@ -3,11 +3,13 @@
 # clock including the wheel install and every compile. It needs, in the repository root:
 #   .whl/      wheels of what the machine lacks (grain, tyro, array-record, portpicker, docstring-parser, typeguard:
 #              ../shared/device/pack-wheels.sh), installed into /tmp/site; without .whl/ nothing is installed
-#   .gpudata/  letter_instruments/ and qwen2_tokenizer/ (and built_sids/letter_instruments/ for that variant)
+#   .gpudata/  letter_instruments/ and qwen2_tokenizer/ (and built_sids/letter_instruments/ for that variant); with
+#              GPU_QUALITY_MODE=industrial, minionerec_industrial/ (and built_sids/minionerec_industrial/)
 # It writes to $OUT: results.json (rewritten after each run), quality.txt (the whole output), runs.tar.gz (each
 # run's run_summary.json, config, metrics.jsonl and the tail of its log), then prints a compact table.
 # CPU smoke of the same logic: GPU_QUALITY_SMOKE=1 OUT=/tmp/out bash bench/gpu_quality.sh
-# Knobs: GPU_QUALITY_VARIANTS ("NAME:SEEDS ..."), GPU_QUALITY_PARALLEL, GPU_QUALITY_TOTAL_S, GPU_QUALITY_EXTRA
+# Knobs: GPU_QUALITY_MODE (gpu: LETTER Instruments, the default; industrial: MiniOneRec Industrial from scratch),
+# GPU_QUALITY_VARIANTS ("NAME:SEEDS ..."), GPU_QUALITY_PARALLEL, GPU_QUALITY_TOTAL_S, GPU_QUALITY_EXTRA
 # (sid.train flags for every run); GPU_QUALITY_RL (an sid.rl preset, e.g. configs/rl/gpu/letter_instruments.yaml;
 # off by default) runs GRPO on top of each SFT run that succeeds and reports the test metrics before and after,
 # GPU_QUALITY_RL_EXTRA (sid.rl flags for every RL run, e.g. "--train.max-steps 300"). How long the RL preset takes
@@ -40,18 +42,26 @@ if [ "$SMOKE" = 1 ]; then
   VARIANTS=${GPU_QUALITY_VARIANTS:-"base:0-1 drop0:0"}
   PARALLEL=${GPU_QUALITY_PARALLEL:-3}
 else
-  MODE=gpu
+  MODE=${GPU_QUALITY_MODE:-gpu}
+  case $MODE in
+  gpu) DATA=letter_instruments ;;
+  industrial) DATA=minionerec_industrial ;;
+  *)
+    echo "GPU_QUALITY_MODE=$MODE: expected gpu (LETTER Instruments) or industrial"
+    exit 1
+    ;;
+  esac
   # Seeds 0-2 of the preset, then one seed of each variant, all at once: 7 small runs share the GPU (alone, one
   # such run trained and ranked the test split in 1.5-4 minutes; issue 24). `wide` (384 x 1536) costs about 2x.
   VARIANTS=${GPU_QUALITY_VARIANTS:-"base:0-2 drop0:0 drop0.2:0 ep10:0 ls0.1:0"}
   PARALLEL=${GPU_QUALITY_PARALLEL:-7}
-  if [ -d "$SID_DATA_ROOT/built_sids/letter_instruments" ] && [ -z "${GPU_QUALITY_VARIANTS:-}" ]; then
+  if [ -d "$SID_DATA_ROOT/built_sids/$DATA" ] && [ -z "${GPU_QUALITY_VARIANTS:-}" ]; then
     # Not in the default: 3 more runs at once might not fit the 9 minutes (unmeasured).
     echo "built_sids found; to sweep it: GPU_QUALITY_VARIANTS=\"base:0-2 built_sids:0-2 drop0:0 ep10:0\""
   fi
 fi
 
-for d in letter_instruments qwen2_tokenizer; do
+for d in "${DATA:-letter_instruments}" qwen2_tokenizer; do
   if [ ! -d "$SID_DATA_ROOT/$d" ]; then
     echo "$SID_DATA_ROOT/$d not found: copy it into .gpudata/ (or set SID_DATA_ROOT)"
     exit 1

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python bench/quality.py` from anywhere: bench.common and sid resolve
 
@@ -67,6 +69,14 @@ class Mode:
     """Printed under the table: what the figures are and are not."""
     seeds: str = "0-2"
     """Default --seeds."""
+
+    def variant_flags(self, variant: str) -> list[str]:
+        """The variant's sid.train flags; `{data_dir}` becomes this mode's preset's `data.dir`."""
+        flags = VARIANTS[variant]
+        if not any("{data_dir}" in f for f in flags):
+            return list(flags)
+        data_dir = yaml.safe_load((ROOT / self.config).read_text())["data"]["dir"]
+        return [f.replace("{data_dir}", data_dir) for f in flags]
 
 
 MODES = {
@@ -106,9 +116,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "ep10": ("--train.epochs", "10"),
     "wide": ("--model.hidden-size", "384", "--model.intermediate-size", "1536", "--model.num-heads", "6"),
     "deep": ("--model.num-layers", "6"),
-    "built_sids": ("--data.dir", "built_sids/letter_instruments"),
+    "built_sids": ("--data.dir", "built_sids/{data_dir}"),
 }
-"""Named override sets (sid.train flags) to sweep; `base` is the preset as it is."""
+"""Named override sets (sid.train flags) to sweep; `base` is the preset as it is. `built_sids` reads the SIDs
+`sid.index` built for the mode's dataset from `built_sids/<the preset's data.dir>` (issue 26)."""
 
 
 SHARED_SECTIONS = ("--data.", "--tokenizer.", "--tasks.", "--eval.")
@@ -153,7 +164,7 @@ class Run:
         return [
             *(sys.executable, "-m", "sid.train", "--config", str(ROOT / mode.config)),
             *mode.overrides,
-            *VARIANTS[self.variant],
+            *mode.variant_flags(self.variant),
             *extra,
             *("--train.seed", str(self.seed), "--model.seed", str(self.seed)),
             *("--train.output-dir", str(self.out_dir)),
@@ -185,7 +196,7 @@ def run_command(run: Run, mode: Mode, args: argparse.Namespace) -> list[str]:
     """An SFT run's sid.train command; an RL run's sid.rl command: its SFT run's shared flags, then --rl-extra."""
     if run.init is None:
         return run.command(mode, args.set)
-    shared = shared_flags([*mode.overrides, *VARIANTS[run.variant], *args.set])
+    shared = shared_flags([*mode.overrides, *mode.variant_flags(run.variant), *args.set])
     return run.rl_command(args.rl, [*shared, *args.rl_extra])
 
 

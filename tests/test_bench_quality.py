@@ -72,6 +72,9 @@ def test_rl_run_follows_its_sft_run_with_its_data_and_eval_flags(tmp_path):
         *("--rl.init", str(sft.out_dir), "--train.seed", "2", "--train.output-dir", str(rl.out_dir)),
     ]
     assert quality.run_command(sft, quality.MODES["tiny"], args)[:3] == [sys.executable, "-m", "sid.train"]
+    # built_sids reads the SIDs built for the mode's own dataset.
+    assert quality.MODES["industrial"].variant_flags("built_sids") == ["--data.dir", "built_sids/minionerec_industrial"]
+    assert quality.MODES["gpu"].variant_flags("built_sids") == ["--data.dir", "built_sids/letter_instruments"]
     assert quality.shared_flags(["--eval.topk=5", "--model.seed", "1", "--tasks.next-sid", "true"]) == [
         *("--eval.topk=5", "--tasks.next-sid", "true"),
     ]
