@@ -255,6 +255,9 @@ class TrainConfig:
     held-out evaluations also run after the last step."""
     valid_rank_samples: int = 1000
     """Valid prompts ranked each time: a fixed, seeded subset (0: the whole valid split)."""
+    eval_at_start: bool = False
+    """Also run the held-out evaluations on the starting model, logged as step 0. With select_by it competes, so a
+    run that never beats where it started (an RL run that does not improve its SFT model) hands that model on."""
     select_by: Literal["none", "ndcg@10", "hr@10", "loss"] = "none"
     """Keep the best checkpoint by valid NDCG@10 / HR@10 (needs valid_rank_every) or held-out loss (needs
     eval_loss_every), apart from the rolling ones, in output_dir/best."""

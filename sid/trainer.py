@@ -172,7 +172,8 @@ class _Session:
         restored = self.ckpt.restore_latest_intact(abstract_like(self.state)) if self.cfg.resume else None
         if restored is not None:
             self.start, self.state, saved = restored
-        run.truncate_metrics(self.start)  # the steps after it that an interrupted run logged are logged again
+        # The steps after it that an interrupted run logged are logged again (from scratch: step 0's evaluation too).
+        run.truncate_metrics(self.start if restored is not None else -1)
         if restored is None:
             if self.cfg.resume:
                 log.info("resume requested but %s holds no checkpoint: starting fresh", self.ckpt.directory)
@@ -292,6 +293,8 @@ def fit(
     session = _Session(model, loss_fn, optimizer, lr_schedule, batches, cfg, mesh, run)
     if hasattr(batches, "attach"):
         batches.attach(lambda: session.model)
+    if cfg.eval_at_start and session.start == 0 and (scheduled := [e for e in evaluators if e.every]):
+        session.evaluate(0, scheduled, run, tracker)
     meter = Meter(
         run=run, tracker=tracker, total_steps=total_steps, start=session.start, log_every=cfg.log_every,
         flops=flops, n_devices=mesh.devices.size, progress_bar=cfg.progress_bar,

@@ -53,6 +53,7 @@ def test_every_preset_validates(path):
 RL_ON_SFT = {
     "rl/gpu/letter_instruments.yaml": "train/gpu/letter_instruments.yaml",
     "rl/cpu/letter_instruments_tiny.yaml": "train/cpu/letter_instruments_tiny.yaml",
+    "rl/cpu/letter_instruments_quality.yaml": "train/cpu/letter_instruments_quality.yaml",
     "rl/cpu/smoke.yaml": "train/cpu/smoke.yaml",
     "rl/industrial.yaml": "train/v6e-8/sid_sft_qwen25_1p5b_base_industrial_v6e8_e3_adamw_lr3e4.yaml",
 }

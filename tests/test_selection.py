@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_trainer import ToyBatches, run_fit
+from test_trainer import ToyBatches, run_fit, toy_model
 
 from sid.config import ConfigError, TrainConfig
 from sid.eval.config import EvalConfig
@@ -151,3 +151,33 @@ def test_resume_from_a_checkpoint_at_an_evaluated_step_keeps_that_evaluation(tmp
     assert summary["early_stopped_at"] == 10 and summary["best"] == whole_summary["best"]
     for a, b in zip(params_of(model), params_of(whole), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_eval_at_start_lets_the_starting_model_win(tmp_path):
+    """Evaluated at step 0 too, a run that never beats its start stops early and hands its starting model on; a
+    fresh restart after a crash before the first checkpoint logs step 0 once."""
+    evaluator = Scripted({0: 0.5, **SCRIPT}, every=2)
+    kw = dict(steps=12, select_by="ndcg@10", early_stop_patience=3, eval_at_start=True)
+    model, summary = run_fit(tmp_path / "run", ToyBatches(), evaluators=[evaluator], **kw)
+    assert evaluator.seen == [0, 2, 4, 6]
+    assert summary["early_stopped_at"] == 6 and summary["best"]["step"] == 0
+    for a, b in zip(params_of(model), params_of(toy_model()), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    class Crash(ToyBatches):
+        def __next__(self):
+            if self.i == 3:
+                raise RuntimeError("killed")
+            return super().__next__()
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run_fit(tmp_path / "again", Crash(), evaluators=[Scripted({0: 0.5, **SCRIPT}, 2)], **kw)
+    again = Scripted({0: 0.5, **SCRIPT}, 2)
+    run_fit(tmp_path / "again", ToyBatches(), evaluators=[again], resume=True, **kw)
+    assert again.seen == [0, 2, 4, 6]
+    records = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid/ndcg@10" in r] == [0, 2, 4, 6]
+    # Off (the default), step 0 is not evaluated.
+    late = Scripted(SCRIPT, 2)
+    run_fit(tmp_path / "off", ToyBatches(), evaluators=[late], steps=4, select_by="ndcg@10")
+    assert late.seen == [2, 4]
