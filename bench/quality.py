@@ -1,6 +1,7 @@
 """Recommendation quality: train from scratch with `sid.train`, rank the test split, and print Recall@5/10 and
-NDCG@5/10 per seed, their mean and spread, beside the published figures; with --rl, GRPO (`sid.rl`) on top of
-each SFT run and the test metrics before and after.
+NDCG@5/10 per seed, their mean and spread, beside the published figures and a popularity baseline (the same 10
+most frequent train targets for every user); with --rl, GRPO (`sid.rl`) on top of each SFT run and the test
+metrics before and after.
 
 Every run is `python -m sid.train --config PRESET <variant overrides> --train.seed S --model.seed S` in its own
 process (up to --parallel at once; on one GPU each gets 0.9/N of its memory), and its figures are read from its
@@ -18,6 +19,7 @@ keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -91,7 +93,7 @@ MODES = {
         note="CPU mode: a 2-layer x 64 model, 4 epochs on the first 500 LETTER users, ranked on their 500 test "
         "users: a check that the pipeline learns, not the published protocol. Measured (seed 0, docs/benchmarks.md "
         "section 6): Recall@10 0.026, NDCG@10 0.0153; expect about 0.01-0.04 Recall@10 (500 users: standard "
-        "error 0.007). The 10 most popular items get Recall@10 0.036 on the same users.",
+        "error 0.007). The popularity row above is what item popularity alone gets; this tiny model stays below it.",
         seeds="0",
     ),
     "tiny": Mode(
@@ -329,6 +331,24 @@ def sweep(runs: list[Run], mode: Mode, args, on_done) -> None:
             on_done(read_run(run, None, time.monotonic() - t0))
 
 
+def popularity(mode: Mode, extra: Sequence[str], scratch: Path) -> dict[str, Any]:
+    """Recall/NDCG@5/10 of one list for every user, the train split's most frequent target SIDs, on the test users
+    the mode's runs rank (its data and eval flags and `extra`'s): what a model that learned only popularity gets."""
+    from sid.config import cli
+    from sid.data.dataset import load_split
+    from sid.data.tasks import eval_prompts
+    from sid.eval.metrics import ranking_metrics
+    from sid.jobs import TrainJob
+
+    job = cli(TrainJob, args=["--config", str(ROOT / mode.config), *mode.overrides, *extra])
+    train, _, _ = load_split(job.data, "train", run_dir=scratch)
+    test, catalog, _ = load_split(job.data, job.eval.split, run_dir=scratch)
+    targets = [t for _, t in eval_prompts(test, job.tasks)][: job.eval.max_samples or None]
+    top = [sid for sid, _ in collections.Counter(r.target_sid for r in train).most_common(10)]
+    got = ranking_metrics([top] * len(targets), targets, (5, 10), set(catalog.sids.values()))
+    return {**{f"recall@{k}": got.hr[k] for k in (5, 10)}, **{f"ndcg@{k}": got.ndcg[k] for k in (5, 10)}}
+
+
 def metric_stats(items: list[dict[str, Any]]) -> dict[str, Any]:
     """METRIC and METRIC_std: each metric's mean and sample standard deviation over the items that have it (no
     spread from one)."""
@@ -452,6 +472,9 @@ def report(result: dict[str, Any], mode: Mode) -> str:
         }
         for a in result["summary"]
     ]
+    for name, fig in (result.get("popularity") or {}).items():
+        label = "popularity (10 most frequent train targets" + ("" if name == "base" else f", {name} data") + ")"
+        means.append({"": label, **{m: fmt(fig[m]) for m in METRICS}})
     if mode.published:
         means += [{"": name, **{m: fmt(fig.get(m)) for m in METRICS}} for name, fig in PUBLISHED.items()]
         means.append({"": "target (issue 24)", **{m: fmt(TARGET.get(m)) for m in METRICS}})
@@ -546,6 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or sweep_dir / "results.json"
     runs = plan_runs(args.variants, args.seeds or mode.seeds, sweep_dir)
     result = new_result(args, mode)
+    # The preset's data, and each variant that reads other data (other SIDs: other most frequent targets).
+    data_variants = {r.variant for r in runs if any(f.startswith("--data.") for f in mode.variant_flags(r.variant))}
+    result["popularity"] = {
+        name: popularity(mode, [*mode.variant_flags(name), *args.set], sweep_dir / "popularity")
+        for name in ["base", *sorted(data_variants)]
+    }
 
     def on_done(record: dict[str, Any]) -> None:
         result["runs"].append(record)

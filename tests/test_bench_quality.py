@@ -169,6 +169,28 @@ def check_tiny_run(sweep: Path, record: dict, stage: str) -> dict:
     return summary
 
 
+def test_popularity_baseline_against_the_raw_files(tmp_path, shared_data, monkeypatch):
+    """The popularity row of the tiny mode on 300 users: their 10 most frequent train targets (leave-one-out: items 1
+    to n - 3 of each sequence), counted from the raw LETTER files, ranked for the first 200 (each one's last item)."""
+    monkeypatch.setenv("SID_DATA_ROOT", str(shared_data))
+    flags = ["--data.max-users", "300", "--eval.max-samples", "200"]
+    got = quality.popularity(quality.MODES["tiny"], flags, tmp_path)
+    letter = shared_data / "letter_instruments"
+    seqs = list(json.loads((letter / "Instruments.inter.json").read_text()).values())[:300]
+    sids = {int(k): "".join(v) for k, v in json.loads((letter / "Instruments.index.json").read_text()).items()}
+    counts: dict[str, int] = {}
+    for seq in seqs:
+        for item in seq[1:-2]:
+            counts[sids[item]] = counts.get(sids[item], 0) + 1
+    top = sorted(counts, key=lambda sid: -counts[sid])[:10]  # a stable sort: ties in first-seen order
+    ranks = [top.index(sids[seq[-1]]) if sids[seq[-1]] in top else None for seq in seqs[:200]]
+    for k in (5, 10):
+        hits = [r for r in ranks if r is not None and r < k]
+        assert got[f"recall@{k}"] == pytest.approx(len(hits) / 200)
+        assert got[f"ndcg@{k}"] == pytest.approx(sum(1 / np.log2(r + 2) for r in hits) / 200)
+    assert got["recall@10"] > 0  # the check above compares something
+
+
 def test_tiny_mode_runs_sft_then_rl_and_reports_what_they_measured(tmp_path, shared_data):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "bench/quality.py", "--mode", "tiny", "--sweep-dir", str(sweep), "--rl", RL_TINY]
@@ -189,6 +211,7 @@ def test_tiny_mode_runs_sft_then_rl_and_reports_what_they_measured(tmp_path, sha
     assert pair["before"]["ndcg@10"] == sft_record["ndcg@10"] and pair["after"]["ndcg@10"] == rl_record["ndcg@10"]
     assert result["rl"]["summary"][0]["seeds"] == "0"
     assert "| base (seeds 0) |" in proc.stdout and "| base + RL (seeds 0) |" in proc.stdout
+    assert list(result["popularity"]) == ["base"] and "| popularity (10 most frequent train targets) |" in proc.stdout
     assert "SFT -> RL (configs/rl/cpu/letter_instruments_tiny.yaml)" in proc.stdout
     again = subprocess.run(
         [sys.executable, "bench/quality.py", "--report", str(tmp_path / "results.json")],
