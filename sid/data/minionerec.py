@@ -54,6 +54,7 @@ CSV_COLUMNS = (
     "item_sid",
 )
 LEVELS = "abcdefghijklmnopqrstuvwxyz"
+# Between two entries of a description written as a Python list literal.
 _LIST_SEPARATOR = re.compile(r"""['"], ['"]""")
 # surrogateescape turns each undecodable byte into one lone surrogate in this range.
 _BAD_BYTE = re.compile("[\udc80-\udcff]")
@@ -88,7 +89,7 @@ class Catalog:
     index_path: str
     """The index file, for error messages."""
     descriptions: dict[int, str] = field(default_factory=dict)
-    """Item id -> description text (`description_text`), for the items whose description has any text."""
+    """Item id -> the first entry of its description (`read_item_json`), for the items whose description has text."""
 
     @cached_property
     def items_by_sid(self) -> dict[str, list[int]]:
