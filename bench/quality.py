@@ -119,9 +119,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "wide": ("--model.hidden-size", "384", "--model.intermediate-size", "1536", "--model.num-heads", "6"),
     "deep": ("--model.num-layers", "6"),
     "built_sids": ("--data.dir", "built_sids/{data_dir}"),
+    "built_sids_balanced": ("--data.dir", "built_sids_balanced/{data_dir}"),
 }
 """Named override sets (sid.train flags) to sweep; `base` is the preset as it is. `built_sids` reads the SIDs
-`sid.index` built for the mode's dataset from `built_sids/<the preset's data.dir>` (issue 26)."""
+`sid.index` built for the mode's dataset from `built_sids/<the preset's data.dir>` (issue 26), and
+`built_sids_balanced` those built with `--quantizer.balanced` from `built_sids_balanced/<data.dir>`."""
 
 
 SHARED_SECTIONS = ("--data.", "--tokenizer.", "--tasks.", "--eval.")
