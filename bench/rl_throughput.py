@@ -4,14 +4,15 @@ baseline on the same prompts, each in its own process, in one run.
 A step, on both sides, is MiniOneRec's recipe (docs/rl.md): P MiniOneRec Industrial test prompts, a rollout of G
 trie-constrained beams each (group = beams, length_penalty 0), `ranking` rewards and group advantages on the host,
 the reference model's log-probs of the P x G completions (once per rollout), then one AdamW update (lr 1e-5, clip
-0.3) on the GRPO loss (beta 1e-3) over the P x G rows in --accum micro-batches. The same P prompts are rolled out
+0.3) on the GRPO loss (beta 1e-3) over the P x G completions in --accum micro-batches. The same P prompts are rolled out
 every step. Each side runs one untimed step first (it compiles; first_step_s), --warmup more, then --steps timed
 steps, each split into rollout, host (rewards, advantages, rows), reference log-probs and update.
 
 sid: `sid.rl.source.RolloutSource` (`sid.eval.beam.sharded_beam_search`, `score_groups`, `group_rows`, jitted
 `completion_logprobs` of a copy of the initial policy) and `sid.step.make_train_step` with
 `sid.rl.loss.make_loss_fn`, jitted and donated, as `sid.trainer.fit` runs them; prompts left-padded to their
-eval bucket (128).
+eval bucket (128). sid's reference pass and update run each prompt once with its G completions beside it
+(`group_rows`); the baseline repeats the prompt in each of its P x G rows, as TRL does.
 
 Baseline: `transformers.Qwen2ForCausalLM` of the same architecture (random init; sid's initial weights with
 --same-weights), bf16 on a GPU and f32 on a CPU, policy and a frozen reference copy. Rollout: one
@@ -173,7 +174,7 @@ class SidStep:
         if self.compiled is None:  # the first step: also keep its rows for the baseline's cross-check
             self.compiled = self.step_fn.lower(self.state, batch).compile()
             if self.spec["weights_dir"]:
-                keep = ("input_ids", "segment_ids", "completion_mask", "advantages", "ref_logp")
+                keep = ("input_ids", "segment_ids", "completions", "advantages", "ref_logp")
                 np.savez(Path(self.spec["weights_dir"]) / FIRST_BATCH, **{k: host[k] for k in keep})
         self.state, metrics = self.compiled(self.state, batch)
         metrics = jax.device_get(metrics)
@@ -184,8 +185,8 @@ class SidStep:
             "host_s": t1 - t0 - self.split["rollout_s"] - self.split["ref_logprobs_s"],
             "update_s": t2 - t1,
             "step_s": t2 - t0,
-            "rows": int(host["input_ids"].shape[0]),
-            "completion_tokens": int(host["ref_logp"].shape[1]),
+            "rows": int(host["completions"].shape[0] * host["completions"].shape[1]),
+            "completion_tokens": int(host["completions"].shape[2]),
             "loss": float(metrics["loss"]),
             "reward_mean": stats["rollout/reward_mean"],
             "kl": stats["kl"],
@@ -231,6 +232,18 @@ def torch_grpo_loss(logp, ref_logp, advantages, mask, beta: float):
     kl = torch.exp(d) - d - 1
     per_token = -(torch.exp(logp - logp.detach()) * advantages[:, None] - beta * kl)
     return (per_token * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def separate_rows(batch) -> tuple[np.ndarray, np.ndarray]:
+    """sid's grouped rows (`sid.rl.rollout.group_rows`: each prompt once, its G completions after it) as the
+    baseline's rows: the prompt repeated before each completion, [P * G, prompt + T] ids and attention mask."""
+    completions = batch["completions"]
+    num_prompts, group, num_tokens = completions.shape
+    width = batch["input_ids"].shape[1] - group * (num_tokens - 1)
+    prompts = np.repeat(batch["input_ids"][:, :width], group, axis=0)
+    mask = np.repeat(batch["segment_ids"][:, :width] != 0, group, axis=0)
+    ids = np.concatenate([prompts, completions.reshape(-1, num_tokens)], axis=1)
+    return ids, np.concatenate([mask, np.ones((len(ids), num_tokens), bool)], axis=1)
 
 
 def torch_completion_logprobs(model, ids, mask, num_tokens: int, valid_vocab: int):
@@ -403,9 +416,8 @@ class TorchStep:
         import torch
 
         batch = np.load(Path(self.spec["weights_dir"]) / FIRST_BATCH)
-        ids = torch.tensor(batch["input_ids"], dtype=torch.long, device=self.device)
-        mask = torch.tensor(batch["segment_ids"] > 0, dtype=torch.long, device=self.device)
-        ours = self.reference_logprobs(ids, mask).cpu().numpy()
+        ids, mask = (torch.tensor(a, dtype=torch.long, device=self.device) for a in separate_rows(batch))
+        ours = self.reference_logprobs(ids, mask).cpu().numpy().reshape(batch["ref_logp"].shape)
         diff = np.abs(ours - batch["ref_logp"])
         return {
             "ref_logp_max_abs_diff": float(diff.max()),
@@ -444,7 +456,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", default="1.5b", help="0.5b, 1.5b, small or tiny")
     p.add_argument("--prompts", type=int, default=64, help="prompts per step, P (a multiple of the devices)")
     p.add_argument("--group", type=int, default=16, help="beams per prompt, G")
-    p.add_argument("--accum", type=int, default=8, help="micro-batches per update (P x G rows split evenly)")
+    p.add_argument("--accum", type=int, default=8, help="micro-batches per update (sid: P prompts split evenly)")
     p.add_argument(
         "--remat", default="dots", choices=["none", "full", "dots"], help="torch: checkpointing iff not none"
     )

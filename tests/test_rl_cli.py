@@ -203,3 +203,10 @@ def test_a_checkpoint_whose_vocab_lacks_the_catalogs_sid_tokens_fails_with_one_l
     assert main(rl_args(init / "model", tmp_path / "out")) == 2  # an HF directory itself works as rl.init too
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "SID tokens" in err and "beyond the checkpoint's" in err and err.startswith("error: ")
+
+
+def test_prompts_that_do_not_split_into_micro_batches_fail_with_one_line(sft_run, tmp_path, capsys):
+    """A batch row is a prompt with its whole group, so the micro-batches split the prompts (8 into 3 cannot)."""
+    assert main(rl_args(sft_run, tmp_path / "out", "--train.grad-accum-steps", "3")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "rl.prompts_per_step=8" in err and "grad_accum_steps=3" in err

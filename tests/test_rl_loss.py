@@ -1,14 +1,17 @@
 """The GRPO loss family and its gradient against a NumPy float64 reference on hand-made groups; the completion
-log-probs against a float64 log-softmax of the model's own logits over unpadded rows."""
+log-probs of grouped rows (each prompt once) against a float64 log-softmax of the model's own logits over separate
+unpadded rows, and their gradient against the separate rows'."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_beam import VALID_VOCAB, _model, _prompts
+from test_beam import _catalog, _model, _prompts
 
 from sid.rl.advantages import group_advantages
 from sid.rl.loss import completion_logprobs, grpo_loss, k3_kl
+from sid.rl.rollout import group_rows
 
 BETA = 0.04  # larger than upstream's 1e-3 so the KL term visibly moves the loss and the gradient
 
@@ -131,26 +134,74 @@ def test_hand_computed_reductions_and_zero_kl():
         grpo_loss(logp, logp, None, mask, adv, beta=0.0, kind="dapo")
 
 
-def test_completion_logprobs_match_float64_logits_of_unpadded_rows():
-    """Left-padded [prompt | completion] rows against right-padded rows (pads in segment 0 after the tokens,
-    positions from 0): the same log-probs, within f32 noise of a float64 log-softmax of the model's logits."""
-    model = _model(seed=1)
+def _separate_rows(prompts, completions):
+    """The oracle's layout: every (prompt, completion) pair as its own row, right-padded (segment 0 after the
+    tokens, positions from 0), as a model that knows nothing of groups would see it."""
+    num_prompts, group, num_tokens = completions.shape
+    width = max(map(len, prompts)) + num_tokens
+    ids, segments = np.zeros((num_prompts * group, width), np.int32), np.zeros((num_prompts * group, width), np.int32)
+    for p, prompt in enumerate(prompts):
+        for g in range(group):
+            ids[p * group + g, : len(prompt) + num_tokens] = prompt + completions[p, g].tolist()
+            segments[p * group + g, : len(prompt) + num_tokens] = 1
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), ids.shape)
+    return ids, positions, segments
+
+
+def _separate_logprobs(model, prompts, completions):
+    """f32 log-probs of each completion from `_separate_rows` and the model's own logits, [P, G, T]."""
+    num_prompts, group, num_tokens = completions.shape
+    logits = model.logits(model(*map(jnp.asarray, _separate_rows(prompts, completions))))
+    starts = np.repeat([len(p) - 1 for p in prompts], group)  # the position that predicts the first token
+    at = jnp.take_along_axis(logits, jnp.asarray(starts[:, None, None] + np.arange(num_tokens)[:, None]), axis=1)
+    logp = jax.nn.log_softmax(at, axis=-1)
+    flat = completions.reshape(-1, num_tokens)
+    return jnp.take_along_axis(logp, jnp.asarray(flat)[..., None], axis=-1)[..., 0].reshape(completions.shape)
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    """Five prompts of different lengths with four catalog completions each, in `group_rows`' layout."""
+    trie = _catalog((4, 3, 3), 22, seed=1)
     prompts, ids, mask = _prompts(5, seed=3)
-    completions = np.random.default_rng(4).integers(10, VALID_VOCAB, size=(5, 4)).astype(np.int32)
-    rows = np.concatenate([ids, completions], axis=1)
-    segments = np.concatenate([mask, np.ones_like(completions, bool)], axis=1).astype(np.int32)
-    got = np.asarray(jax.jit(completion_logprobs, static_argnums=3)(model, rows, segments, 4))
-    assert got.dtype == np.float32 and got.shape == (5, 4)
-    right = np.zeros_like(rows)
-    right_segments = np.zeros_like(rows)
-    for row, prompt in enumerate(prompts):
-        right[row, : len(prompt) + 4] = prompt + completions[row].tolist()
-        right_segments[row, : len(prompt) + 4] = 1
-    positions = np.broadcast_to(np.arange(rows.shape[1], dtype=np.int32), rows.shape)
-    logits = jax.jit(lambda m, *a: m.logits(m(*a)))(model, right, positions, right_segments)
-    logits = np.asarray(logits, np.float64)
-    for row, prompt in enumerate(prompts):
-        at = logits[row, len(prompt) - 1 : len(prompt) + 3]  # the positions that predict the completion tokens
-        top = at.max(-1, keepdims=True)
-        logp = at - top - np.log(np.exp(at - top).sum(-1, keepdims=True))
-        np.testing.assert_allclose(got[row], logp[np.arange(4), completions[row]], rtol=0, atol=2e-5)
+    leaves = np.random.default_rng(4).integers(0, trie.num_leaves, size=(5, 4))
+    return prompts, group_rows(trie, ids, mask, leaves)
+
+
+def test_completion_logprobs_match_float64_logits_of_separate_rows(grouped):
+    """The grouped forward (each prompt once, completions attending to it) against every [prompt | completion]
+    as its own unpadded row: the same log-probs, within f32 noise of a float64 log-softmax of the model's logits."""
+    model = _model(seed=1)
+    prompts, rows = grouped
+    completions = rows["completions"]
+    got = np.asarray(jax.jit(completion_logprobs)(model, rows["input_ids"], rows["segment_ids"], completions))
+    assert got.dtype == np.float32 and got.shape == completions.shape == (5, 4, 5)
+    ids, positions, segments = _separate_rows(prompts, completions)
+    logits = np.asarray(jax.jit(lambda m, *a: m.logits(m(*a)))(model, ids, positions, segments), np.float64)
+    for p, prompt in enumerate(prompts):
+        for g in range(4):
+            at = logits[p * 4 + g, len(prompt) - 1 : len(prompt) + 4]  # the positions predicting the completion
+            top = at.max(-1, keepdims=True)
+            logp = at - top - np.log(np.exp(at - top).sum(-1, keepdims=True))
+            np.testing.assert_allclose(got[p, g], logp[np.arange(5), completions[p, g]], rtol=0, atol=2e-5)
+
+
+def test_completion_logprobs_gradient_matches_separate_rows(grouped):
+    """The gradient through the shared prompt (its hidden states feed G completions) is the sum of the separate
+    rows' gradients: a weighted sum of the log-probs, differentiated both ways."""
+    model = _model(seed=1)
+    prompts, rows = grouped
+    completions = rows["completions"]
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=completions.shape), jnp.float32)
+
+    def grouped_sum(m):
+        return (weights * completion_logprobs(m, rows["input_ids"], rows["segment_ids"], completions)).sum()
+
+    def separate_sum(m):
+        return (weights * _separate_logprobs(m, prompts, completions)).sum()
+
+    got, want = (eqx.filter_jit(eqx.filter_grad(f))(model) for f in (grouped_sum, separate_sum))
+    got, want = (jax.tree.leaves(eqx.filter(g, eqx.is_array)) for g in (got, want))
+    scale = max(float(jnp.abs(w).max()) for w in want)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4 * scale)

@@ -12,6 +12,7 @@ from test_beam import EOS, NEWLINE, _catalog, _model, _prompts
 from test_rl_rewards import P0, P2
 
 from sid.config import MeshConfig
+from sid.models.qwen2 import SHARED_SEGMENT
 from sid.parallel.host import to_global
 from sid.parallel.mesh import make_mesh
 from sid.rl.advantages import group_advantages
@@ -32,15 +33,19 @@ def test_group_rows_layout(trie):
     _, ids, mask = _prompts(2, seed=2)
     leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1]])
     rows = group_rows(trie, ids, mask, leaves)
-    assert rows["input_ids"].shape == rows["segment_ids"].shape == (8, ids.shape[1] + 5)
-    assert rows["completion_mask"].shape == (8, 5) and rows["completion_mask"].all()
+    width = ids.shape[1] + 4 * 4  # the prompt once, then each completion's first T - 1 = 4 tokens
+    assert rows["input_ids"].shape == rows["segment_ids"].shape == (2, width)
+    assert rows["completions"].shape == rows["completion_mask"].shape == (2, 4, 5) and rows["completion_mask"].all()
     for p in range(2):
+        np.testing.assert_array_equal(rows["input_ids"][p, : ids.shape[1]], ids[p])
+        np.testing.assert_array_equal(rows["segment_ids"][p, : ids.shape[1]], np.where(mask[p], SHARED_SEGMENT, 0))
         for g in range(4):
-            r = p * 4 + g
-            expected = np.concatenate([ids[p], trie.paths[leaves[p, g]], [NEWLINE, EOS]])
-            np.testing.assert_array_equal(rows["input_ids"][r], expected)
-            np.testing.assert_array_equal(rows["segment_ids"][r], np.concatenate([mask[p], np.ones(5)]))
-    assert rows["input_ids"].dtype == rows["segment_ids"].dtype == np.int32
+            completion = np.concatenate([trie.paths[leaves[p, g]], [NEWLINE, EOS]])
+            np.testing.assert_array_equal(rows["completions"][p, g], completion)
+            fed = slice(ids.shape[1] + 4 * g, ids.shape[1] + 4 * (g + 1))
+            np.testing.assert_array_equal(rows["input_ids"][p, fed], completion[:-1])
+            np.testing.assert_array_equal(rows["segment_ids"][p, fed], g + 1)
+    assert rows["input_ids"].dtype == rows["segment_ids"].dtype == rows["completions"].dtype == np.int32
 
 
 def test_score_groups_by_hand(trie):
@@ -76,10 +81,10 @@ def test_one_grpo_step_through_the_train_step(trie):
     targets = [trie.sids[leaves[0, 0]], trie.sids[leaves[1, 3]], trie.sids[(leaves[2, 0] + 1) % 22], trie.sids[0]]
     _, adv, _ = score_groups(trie, leaves, targets, get_reward("ranking"))
     rows = group_rows(trie, ids, mask, leaves)
-    num_tokens = rows["completion_mask"].shape[1]
-    logprobs = eqx.filter_jit(lambda m, r: completion_logprobs(m, r["input_ids"], r["segment_ids"], num_tokens))
+    num_tokens = rows["completions"].shape[2]
+    logprobs = eqx.filter_jit(lambda m, r: completion_logprobs(m, r["input_ids"], r["segment_ids"], r["completions"]))
     ref = np.asarray(logprobs(model, rows))
-    batch = {**rows, "advantages": adv.reshape(-1), "ref_logp": ref}
+    batch = {**rows, "advantages": adv, "ref_logp": ref}
 
     mesh = make_mesh(MeshConfig(dp=2), jax.devices()[:2])
     opt = optax.sgd(1e-2)
@@ -93,7 +98,7 @@ def test_one_grpo_step_through_the_train_step(trie):
     assert float(metrics["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
     assert float(metrics["ratio_sum"]) == pytest.approx(float(metrics["ratio_units"]), rel=1e-6)
     after = np.asarray(logprobs(eqx.combine(state.params, static), rows))
-    gain = adv.reshape(-1) * (after - ref).mean(axis=1)
+    gain = adv * (after - ref).mean(axis=2)
     assert np.abs(after - ref).max() > 1e-4 and gain.sum() > 0
 
 
@@ -104,7 +109,7 @@ def test_rollout_columns_give_score_groups_metrics_and_step_stats_divide_them(tr
     targets = np.array([trie.sids[5], trie.sids[9], trie.sids[4]])
     rewards, _, metrics = score_groups(trie, leaves, targets, get_reward("ranking"))
     columns = rollout_columns(trie, leaves, targets, rewards)
-    assert all(c.shape == (12,) and c.dtype == np.float32 for c in columns.values())
+    assert all(c.shape == (3, 4) and c.dtype == np.float32 for c in columns.values())
     stats = {f"{k}_sum": c.sum(dtype=np.float64) for k, c in columns.items()}
     stats.update(completions=12, tokens=60, kl_sum=1.2, ratio_sum=60.0, ratio_units=60, clipped=6)
     out = rl_step_stats(stats)

@@ -70,12 +70,10 @@ def check_rl(job: RLJob, mesh, num_leaves: int) -> None:
         raise ConfigError(f"rl.reward={rl.reward!r} is not one of {sorted(REWARDS)}")
     if not 2 <= rl.group_size <= num_leaves:
         raise ConfigError(f"rl.group_size={rl.group_size} must be in [2, {num_leaves}] (the catalog's SIDs)")
-    if rl.prompts_per_step < 1 or rl.prompts_per_step % dp:
+    if rl.prompts_per_step < 1 or rl.prompts_per_step % (dp * accum):
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a positive multiple of the {dp} data "
-                          "shards of the mesh")  # fmt: skip
-    if rl.prompts_per_step * rl.group_size % (dp * accum):
-        raise ConfigError(f"rl.prompts_per_step x rl.group_size = {rl.prompts_per_step * rl.group_size} rows must "
-                          f"split into {dp} data shards x train.grad_accum_steps={accum}")  # fmt: skip
+                          f"shards of the mesh x train.grad_accum_steps={accum} (a batch row is a prompt with its "
+                          "group)")  # fmt: skip
     if not rl.temperature > 0 or rl.beta < 0 or rl.ref_sync_every < 0 or rl.title_history_samples < 0:
         raise ConfigError(f"rl.temperature={rl.temperature} must be > 0, rl.beta={rl.beta}, rl.ref_sync_every="
                           f"{rl.ref_sync_every}, rl.title_history_samples={rl.title_history_samples} >= 0")  # fmt: skip

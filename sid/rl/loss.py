@@ -109,26 +109,45 @@ def grpo_loss(
     return loss_sum, count, stats | dict(ratio_sum=ratio_sum, ratio_units=ratio_units, clipped=clipped)
 
 
+def group_positions(
+    segment_ids: Int[Array, "prompts length"], num_tokens: int, group: int
+) -> Int[Array, "prompts length"]:
+    """Position ids of `sid.rl.rollout.group_rows`' grouped rows: the prompt's tokens count from 0 past the left
+    padding, and every completion continues from the prompt's length (each completion is its own sequence)."""
+    prompt = segment_ids.shape[1] - group * (num_tokens - 1)
+    in_prompt = segment_ids[:, :prompt] != 0
+    prompt_positions = jnp.maximum(jnp.cumsum(in_prompt, axis=1, dtype=jnp.int32) - 1, 0)
+    offsets = jnp.tile(jnp.arange(num_tokens - 1, dtype=jnp.int32), group)
+    completion_positions = in_prompt.sum(axis=1, dtype=jnp.int32)[:, None] + offsets[None]
+    return jnp.concatenate([prompt_positions, completion_positions], axis=1)
+
+
 def completion_logprobs(
     model: Qwen2,
-    input_ids: Int[Array, "batch length"],
-    segment_ids: Int[Array, "batch length"],
-    num_tokens: int,
-) -> Float[Array, "batch tokens"]:
-    """float32 log-probs (log-softmax over the valid vocab, temperature 1, as upstream's loss) of the last
-    ``num_tokens`` tokens of each row (the completion) given everything before them.
+    input_ids: Int[Array, "prompts length"],
+    segment_ids: Int[Array, "prompts length"],
+    completions: Int[Array, "prompts group tokens"],
+) -> Float[Array, "prompts group tokens"]:
+    """float32 log-probs (log-softmax over the valid vocab, temperature 1, as upstream's loss) of each completion's
+    tokens given its prompt, for G completions per prompt.
 
-    Rows are ``[left-padded prompt | completion]`` with ``segment_ids`` 0 on the pads and 1 elsewhere (as
-    `sid.rl.rollout.group_rows` builds them); positions skip the pads. One causal forward; only the hidden states
-    that predict completion tokens reach the head.
+    Rows are grouped (`sid.rl.rollout.group_rows`): ``[left-padded prompt | completion 1 | ... | completion G]``,
+    each completion without its last token (nothing is predicted from it). The prompt is in
+    `sid.models.qwen2.SHARED_SEGMENT` and completion g in segment g, so one causal forward runs each prompt once
+    and every completion attends to the prompt and to its own earlier tokens only: the log-probs of G separate
+    ``[prompt | completion]`` rows, for 1/G of their prompt tokens. The prompt's last hidden state predicts every
+    completion's first token.
     """
-    length = input_ids.shape[1]
-    positions = jnp.maximum(jnp.cumsum(segment_ids > 0, axis=1, dtype=jnp.int32) - 1, 0)
-    hidden = model(input_ids, positions, segment_ids)[:, length - num_tokens - 1 : length - 1]
-    logits = model.logits(hidden)
+    num_prompts, group, num_tokens = completions.shape
+    positions = group_positions(segment_ids, num_tokens, group)
+    hidden = model(input_ids, positions, segment_ids)
+    prompt = input_ids.shape[1] - group * (num_tokens - 1)
+    first = jnp.broadcast_to(hidden[:, prompt - 1, None, None], (num_prompts, group, 1, hidden.shape[-1]))
+    rest = hidden[:, prompt:].reshape(num_prompts, group, num_tokens - 1, hidden.shape[-1])
+    logits = model.logits(jnp.concatenate([first, rest], axis=2))
     # The token's logit by a masked sum, not a gather: under a mesh the logits are split over the vocab (as in
-    # sid.loss); and no [rows, tokens, vocab] log-softmax is materialised beside the logits.
-    is_token = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == input_ids[:, length - num_tokens :, None]
+    # sid.loss); and no [..., vocab] log-softmax is materialised beside the logits.
+    is_token = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 3) == completions[..., None]
     picked = jnp.where(is_token, logits, 0.0).sum(axis=-1)
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
@@ -136,26 +155,37 @@ def completion_logprobs(
 def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = None):
     """`grpo_loss` of the policy as a `sid.step.LossFn` ``(model, batch, key) -> (loss sum, count, stats)``.
 
-    The batch holds `sid.rl.rollout.group_rows`' ``input_ids``, ``segment_ids`` and ``completion_mask``, plus
-    ``advantages`` [rows] and the reference model's ``ref_logp`` [rows, T] (computed once per rollout with
-    `completion_logprobs`), and optionally the rollout policy's ``old_logp`` [rows, T]. Per-row ``rollout/<name>``
-    columns (the rollout's figures, `sid.rl.source`) are summed over the rows that hold a completion into the
-    stats as ``rollout/<name>_sum``."""
+    The batch holds `sid.rl.rollout.group_rows`' grouped ``input_ids`` and ``segment_ids`` [prompts, length],
+    ``completions`` and ``completion_mask`` [prompts, G, T], plus ``advantages`` [prompts, G] and the reference
+    model's ``ref_logp`` [prompts, G, T] (computed once per rollout with `completion_logprobs`), and optionally the
+    rollout policy's ``old_logp`` [prompts, G, T]. Per-completion ``rollout/<name>`` columns [prompts, G] (the
+    rollout's figures, `sid.rl.source`) are summed over the completions with a token into the stats as
+    ``rollout/<name>_sum``."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
 
+    def per_completion(x: Array) -> Array:  # [prompts, G, ...] -> [prompts * G, ...], the loss's rows
+        return x.reshape(-1, *x.shape[2:])
+
     def loss_fn(model: Qwen2, batch: dict[str, Array], key: Array):
         del key  # nothing random in the loss (no dropout)
-        ref_logp = batch["ref_logp"]
-        logp = completion_logprobs(model, batch["input_ids"], batch["segment_ids"], ref_logp.shape[1])
-        mask = batch["completion_mask"]
+        logp = completion_logprobs(model, batch["input_ids"], batch["segment_ids"], batch["completions"])
+        old_logp = batch.get("old_logp")
+        mask = per_completion(batch["completion_mask"])
         loss_sum, count, stats = grpo_loss(
-            logp, ref_logp, batch.get("old_logp"), mask, batch["advantages"], beta=beta, kind=kind, clip_eps=clip_eps
+            per_completion(logp),
+            per_completion(batch["ref_logp"]),
+            None if old_logp is None else per_completion(old_logp),
+            mask,
+            per_completion(batch["advantages"]),
+            beta=beta,
+            kind=kind,
+            clip_eps=clip_eps,
         )
         rows = mask.astype(bool).any(axis=1)
         for name, column in batch.items():
             if name.startswith("rollout/"):
-                stats[f"{name}_sum"] = jnp.where(rows, column.astype(jnp.float32), 0.0).sum()
+                stats[f"{name}_sum"] = jnp.where(rows, per_completion(column).astype(jnp.float32), 0.0).sum()
         return loss_sum, count, stats
 
     return loss_fn

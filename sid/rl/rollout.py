@@ -1,9 +1,10 @@
-"""From rollouts to a GRPO batch, host-side: each group's rewards and advantages, and the ``[prompt | completion]``
-rows the loss reads (`sid.rl.loss.make_loss_fn`).
+"""From rollouts to a GRPO batch, host-side: each group's rewards and advantages, and the grouped rows the loss
+reads (`sid.rl.loss.make_loss_fn`).
 
 A rollout is the trie leaves [prompts, G] that `sid.eval.beam.beam_search` (group = beams, best first) or
-`sid.eval.sampling.constrained_sample` (draw order) returns for a batch of left-padded prompts; group g of
-prompt p becomes row ``p * G + g``. Ranks are the position in the group, as upstream's.
+`sid.eval.sampling.constrained_sample` (draw order) returns for a batch of left-padded prompts. The batch keeps
+one row per prompt, its G completions beside it (`group_rows`), so the loss runs each prompt once. Ranks are the
+position in the group, as upstream's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from sid.eval.trie import SidTrie
+from sid.models.qwen2 import SHARED_SEGMENT
 from sid.rl.advantages import group_advantages, zero_advantage_fraction
 from sid.rl.rewards import RewardFn
 
@@ -32,9 +34,13 @@ def _checked_leaves(trie: SidTrie, leaves: np.ndarray) -> np.ndarray:
 def group_rows(
     trie: SidTrie, prompt_ids: np.ndarray, prompt_mask: np.ndarray, leaves: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The batch rows of a rollout: ``input_ids`` and ``segment_ids`` [P * G, prompt + T] (the prompt repeated G
-    times, left padding in segment 0, then the completion: SID tokens and the trie's end tokens, T in all) and
-    ``completion_mask`` [P * G, T] (all True: every trie completion has exactly T tokens)."""
+    """The batch of a rollout, one row per prompt (`sid.rl.loss.completion_logprobs` reads it):
+
+    - ``completions`` [P, G, T]: each completion's tokens, its SID and the trie's end tokens (T in all), and
+      ``completion_mask`` [P, G, T] (all True: every trie completion has exactly T tokens);
+    - ``input_ids`` and ``segment_ids`` [P, prompt + G * (T - 1)]: the left-padded prompt once (segment 0 on the
+      pads, `SHARED_SEGMENT` on its tokens), then each completion's first T - 1 tokens in segment g = 1..G.
+    """
     leaves = _checked_leaves(trie, leaves)
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask, bool)
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.shape[0] != leaves.shape[0]:
@@ -42,15 +48,17 @@ def group_rows(
             f"prompt_ids {prompt_ids.shape}, prompt_mask {prompt_mask.shape} and leaves {leaves.shape} must "
             "share the number of prompts (and ids and mask their shape)"
         )
-    group = leaves.shape[1]
-    end_ids = np.asarray(trie.tables.codes)[trie.depth :, 0]
-    sids = trie.paths[leaves.reshape(-1)]
-    completions = np.concatenate([sids, np.broadcast_to(end_ids, (sids.shape[0], end_ids.size))], axis=1)
-    prompts = np.repeat(prompt_ids, group, axis=0)
-    segments = np.repeat(prompt_mask, group, axis=0)
+    (num_prompts, group), end_ids = leaves.shape, np.asarray(trie.tables.codes)[trie.depth :, 0]
+    sids = trie.paths[leaves]
+    completions = np.concatenate([sids, np.broadcast_to(end_ids, (num_prompts, group, end_ids.size))], axis=2)
+    fed = completions[:, :, :-1].reshape(num_prompts, -1)  # a completion's last token predicts nothing
+    fed_segments = np.repeat(np.arange(1, group + 1), completions.shape[2] - 1)
     return {
-        "input_ids": np.concatenate([prompts, completions], axis=1).astype(np.int32),
-        "segment_ids": np.concatenate([segments, np.ones(completions.shape, bool)], axis=1).astype(np.int32),
+        "input_ids": np.concatenate([prompt_ids, fed], axis=1).astype(np.int32),
+        "segment_ids": np.concatenate(
+            [np.where(prompt_mask, SHARED_SEGMENT, 0), np.broadcast_to(fed_segments, fed.shape)], axis=1
+        ).astype(np.int32),
+        "completions": completions.astype(np.int32),
         "completion_mask": np.ones(completions.shape, bool),
     }
 

@@ -4,11 +4,11 @@ into a GRPO batch (a `sid.trainer.BatchIterator` with `attach`).
 Per step: the next `prompts_per_step` prompts of a seeded per-epoch order -> G completions each by the current
 policy (constrained beam search, or constrained sampling with a key from (seed, step), optionally with upstream's
 dynamic sampling; optionally the target put last, add_gt) -> rewards and group advantages
-(`sid.rl.rollout.score_groups`) -> `[prompt | completion]` rows (`group_rows`) -> the reference model's
+(`sid.rl.rollout.score_groups`) -> one row per prompt with its G completions (`group_rows`) -> the reference model's
 (`sid.rl.reference`) log-probs of the completions, once per rollout -> host numpy arrays. The state is the number
 of prompts consumed, so a resumed run draws the same prompts and keys.
 
-The rollout's figures travel as per-row `rollout/<name>` columns (each group's value on each of its G rows), which
+The rollout's figures travel as per-completion `rollout/<name>` columns (a group's value on each of its G), which
 `sid.rl.loss.make_loss_fn` sums into the step's stats: they reach metrics.jsonl and W&B through the trainer's own
 logging, on the step they belong to, with no second writer of metrics.jsonl to keep consistent on resume.
 """
@@ -63,10 +63,7 @@ class RolloutSource:
         self.reference = Reference(start, cfg, mesh, run_dir)
         self.consumed = 0
         self.policy: Callable[[], Any] | None = None
-        num_tokens = trie.tables.num_steps
-        self.ref_logprobs = eqx.filter_jit(
-            traced_on(mesh, lambda m, ids, seg: completion_logprobs(m, ids, seg, num_tokens))
-        )
+        self.ref_logprobs = eqx.filter_jit(traced_on(mesh, completion_logprobs))
         if cfg.rollout == "beam":
             self.rollout = sharded_beam_search(mesh, start, num_beams=cfg.group_size)
         else:
@@ -110,9 +107,9 @@ class RolloutSource:
         leaves = self._rollout(policy, idx, step)
         rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
         rows = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves)
-        ids, segments = (global_array(rows[k], self.sharding) for k in ("input_ids", "segment_ids"))
-        ref_logp = self.ref_logprobs(reference, ids, segments)
-        batch = {**rows, "advantages": advantages.reshape(-1), "ref_logp": np.asarray(to_host(ref_logp))}
+        placed = (global_array(rows[k], self.sharding) for k in ("input_ids", "segment_ids", "completions"))
+        ref_logp = self.ref_logprobs(reference, *placed)
+        batch = {**rows, "advantages": advantages, "ref_logp": np.asarray(to_host(ref_logp))}
         batch.update(rollout_columns(self.trie, leaves, self.targets[idx], rewards))
         return process_rows(batch)
 
@@ -134,18 +131,17 @@ class RolloutSource:
 
 
 def rollout_columns(trie: SidTrie, leaves: np.ndarray, targets: np.ndarray, rewards: np.ndarray) -> dict:
-    """Per-row float32 `rollout/<name>` columns: the completion's reward, and its group's reward std, whether all
-    its group's rewards are equal (zero advantage) and whether its group holds the target. Summed over rows and
-    divided by the completions they give `score_groups`' metrics of the same names (every group has G rows)."""
-    group = rewards.shape[1]
+    """Per-completion float32 `rollout/<name>` columns [P, G]: the completion's reward, and its group's reward
+    std, whether all its group's rewards are equal (zero advantage) and whether its group holds the target. Summed
+    and divided by the completions they give `score_groups`' metrics of the same names."""
     hit = (np.asarray(trie.sids)[leaves] == targets[:, None]).any(axis=1)
     per_group = {
         "rollout/reward_std": rewards.std(axis=1, ddof=1),
         "rollout/zero_advantage_fraction": np.ptp(rewards, axis=1) == 0,
         "rollout/group_hit_rate": hit,
     }
-    columns = {k: np.repeat(v.astype(np.float32), group) for k, v in per_group.items()}
-    return {"rollout/reward_mean": rewards.reshape(-1).astype(np.float32), **columns}
+    columns = {k: np.repeat(v.astype(np.float32)[:, None], rewards.shape[1], axis=1) for k, v in per_group.items()}
+    return {"rollout/reward_mean": rewards.astype(np.float32), **columns}
 
 
 def process_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
