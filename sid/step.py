@@ -141,9 +141,10 @@ def make_train_step(
             "lr": lr_schedule(state.step),
             "supervised_tokens": n_tokens,
             "tokens": _real_tokens(batch),
-            **stats,
         }
-        return TrainState(params, opt_state, state.step + 1, state.key), metrics
+        if clash := metrics.keys() & stats.keys():
+            raise ValueError(f"the loss's stats {sorted(clash)} would overwrite the step's own figures: rename them")
+        return TrainState(params, opt_state, state.step + 1, state.key), metrics | stats
 
     return jax.jit(
         traced_on(mesh, step),
@@ -154,9 +155,10 @@ def make_train_step(
 
 
 def _real_tokens(batch: dict[str, Array]) -> Array:
-    """Non-padding tokens (what tokens/s counts): segment id > 0 where rows are packed or padded."""
+    """Non-padding tokens (what tokens/s counts): segment id != 0 where rows are packed or padded (the RL stage's
+    prompts are in a negative segment, `sid.rl.rollout.group_rows`)."""
     if "segment_ids" in batch:
-        return (batch["segment_ids"] > 0).sum()
+        return (batch["segment_ids"] != 0).sum()
     return jnp.asarray(batch["input_ids"].size, jnp.int32)
 
 

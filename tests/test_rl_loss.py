@@ -79,7 +79,7 @@ def test_loss_and_gradient_match_float64_reference(kind, with_old, eps):
 
     kl = np.exp(ref - logp) - (ref - logp) - 1
     np.testing.assert_allclose(float(stats["kl_sum"]), ((kl * mask).sum(1) / mask.sum(1)).sum(), rtol=1e-5)
-    assert int(stats["completions"]) == 6 and int(stats["tokens"]) == mask.sum()
+    assert int(stats["completions"]) == 6 and int(stats["completion_tokens"]) == mask.sum()
     ratio = np.exp(logp - fixed_old)
     if kind == "sequence":
         ratio, units = np.exp(((logp - fixed_old) * mask).sum(1) / mask.sum(1)), np.ones(6, bool)

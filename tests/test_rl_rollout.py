@@ -93,7 +93,8 @@ def test_one_grpo_step_through_the_train_step(trie):
         static, make_loss_fn(beta=1e-3), opt, accum=2, mesh=mesh, state_sharding=sharding, lr_schedule=lambda s: 1e-2
     )
     state, metrics = step(state, to_global(batch, mesh))
-    assert int(metrics["completions"]) == 16 and int(metrics["tokens"]) == 16 * num_tokens
+    assert int(metrics["completions"]) == 16 and int(metrics["completion_tokens"]) == 16 * num_tokens
+    assert int(metrics["tokens"]) == mask.sum() + 16 * (num_tokens - 1)  # what the forward ran: prompts once
     assert float(metrics["loss"]) == pytest.approx(-adv.mean(), abs=1e-6)
     assert float(metrics["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
     assert float(metrics["ratio_sum"]) == pytest.approx(float(metrics["ratio_units"]), rel=1e-6)
@@ -111,7 +112,7 @@ def test_rollout_columns_give_score_groups_metrics_and_step_stats_divide_them(tr
     columns = rollout_columns(trie, leaves, targets, rewards)
     assert all(c.shape == (3, 4) and c.dtype == np.float32 for c in columns.values())
     stats = {f"{k}_sum": c.sum(dtype=np.float64) for k, c in columns.items()}
-    stats.update(completions=12, tokens=60, kl_sum=1.2, ratio_sum=60.0, ratio_units=60, clipped=6)
+    stats.update(completions=12, completion_tokens=60, kl_sum=1.2, ratio_sum=60.0, ratio_units=60, clipped=6)
     out = rl_step_stats(stats)
     for name, value in metrics.items():
         assert out[f"rollout/{name}"] == pytest.approx(value, rel=1e-6), name

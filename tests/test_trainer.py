@@ -97,6 +97,23 @@ def test_sharded_step_equals_single_device():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_loss_stats_may_not_overwrite_the_steps_figures():
+    """A loss stat named like a figure the step computes itself (here `tokens`) is refused, not silently kept."""
+
+    def clashing_loss(model, batch, key):
+        loss_sum, count = toy_loss(model, batch, key)
+        return loss_sum, count, {"tokens": count}
+
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    opt = optax.sgd(0.1)
+    state, static, sharding = init_state(toy_model(), opt, seed=0, mesh=mesh)
+    step = make_train_step(
+        static, clashing_loss, opt, accum=1, mesh=mesh, state_sharding=sharding, lr_schedule=lambda s: 0.1
+    )
+    with pytest.raises(ValueError, match=r"the loss's stats \['tokens'\] would overwrite the step's own figures"):
+        step(state, to_global(toy_batch(0), mesh))
+
+
 def test_accumulation_equals_one_big_batch():
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:2])
     batch = toy_batch(1, rows=16)

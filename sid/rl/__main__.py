@@ -118,11 +118,12 @@ def run_rl(job: RLJob) -> dict:
         rl={"prompts": {name: len(p) for name, p in sets.items()}},
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
+    grouped_length = length + job.rl.group_size * (trie.tables.num_steps - 1)  # a row of `group_rows`
     try:
         model, train = fit(
             model=model, loss_fn=make_loss_fn(beta=job.rl.beta, kind=job.rl.loss), optimizer=optimizer,
             lr_schedule=lr, batches=source, total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
-            flops=train_flops(model, length + trie.tables.num_steps), step_stats=rl_step_stats,
+            flops=train_flops(model, grouped_length), step_stats=rl_step_stats,
             evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),
         )  # fmt: skip
     finally:

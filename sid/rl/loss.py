@@ -105,7 +105,7 @@ def grpo_loss(
         else:
             loss_sum, count = (per_token * m).sum(), tokens
         ratio_sum, ratio_units, clipped = (ratio * m).sum(), tokens, (took_clip & mask).sum(dtype=jnp.int32)
-    stats = dict(kl_sum=completion_mean(kl).sum(), completions=completions, tokens=tokens)
+    stats = dict(kl_sum=completion_mean(kl).sum(), completions=completions, completion_tokens=tokens)
     return loss_sum, count, stats | dict(ratio_sum=ratio_sum, ratio_units=ratio_units, clipped=clipped)
 
 
@@ -197,7 +197,7 @@ def rl_step_stats(m: dict) -> dict[str, float]:
     completions, units = max(int(m["completions"]), 1), max(int(m["ratio_units"]), 1)
     out = {
         "kl": float(m["kl_sum"]) / completions,
-        "completion_length": int(m["tokens"]) / completions,
+        "completion_length": int(m["completion_tokens"]) / completions,
         "ratio": float(m["ratio_sum"]) / units,
         "clip_fraction": int(m["clipped"]) / units,
     }
