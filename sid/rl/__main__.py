@@ -108,7 +108,6 @@ def run_rl(job: RLJob) -> dict:
     source = RolloutSource(trie, prompts, [t for _, t in pairs], model, job.rl, mesh, prompt_length=length,
                            pad_id=tok.pad_id, seed=job.train.seed, run_dir=run.path)  # fmt: skip
     steps = job.train.max_steps or math.ceil(job.train.epochs * len(pairs) / job.rl.prompts_per_step)
-    rows = job.rl.prompts_per_step * job.rl.group_size
     log.info("rl: %d prompts (%s), %d per step x %d completions, %d steps", len(pairs),
              ", ".join(f"{name} {len(p)}" for name, p in sets.items()), job.rl.prompts_per_step, job.rl.group_size,
              steps)  # fmt: skip
@@ -128,7 +127,8 @@ def run_rl(job: RLJob) -> dict:
         )  # fmt: skip
     finally:
         source.close()
-    run.update(train={**train, "rows_per_step": rows, "init": str(directory)})
+    run.update(train={**train, "completions_per_step": job.rl.prompts_per_step * job.rl.group_size,
+                      "init": str(directory)})  # fmt: skip
     hand_on(job, model, train, tok, mesh, run, tracker)
     return run.summary
 
