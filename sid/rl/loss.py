@@ -109,15 +109,14 @@ def grpo_loss(
     return loss_sum, count, stats | dict(ratio_sum=ratio_sum, ratio_units=ratio_units, clipped=clipped)
 
 
-def group_positions(
-    segment_ids: Int[Array, "prompts length"], num_tokens: int, group: int
-) -> Int[Array, "prompts length"]:
-    """Position ids of `sid.rl.rollout.group_rows`' grouped rows: the prompt's tokens count from 0 past the left
-    padding, and every completion continues from the prompt's length (each completion is its own sequence)."""
-    prompt = segment_ids.shape[1] - group * (num_tokens - 1)
+def group_positions(segment_ids: Int[Array, "prompts length"], prompt: int, group: int) -> Int[Array, "prompts length"]:
+    """Position ids of `sid.rl.rollout.group_rows`' grouped rows, the left-padded prompt in the first `prompt`
+    columns and `group` completions after it: the prompt's tokens count from 0 past the padding, and every
+    completion continues from the prompt's length (each completion is its own sequence)."""
     in_prompt = segment_ids[:, :prompt] != 0
     prompt_positions = jnp.maximum(jnp.cumsum(in_prompt, axis=1, dtype=jnp.int32) - 1, 0)
-    offsets = jnp.tile(jnp.arange(num_tokens - 1, dtype=jnp.int32), group)
+    fed = (segment_ids.shape[1] - prompt) // group  # each completion's tokens in the row
+    offsets = jnp.tile(jnp.arange(fed, dtype=jnp.int32), group)
     completion_positions = in_prompt.sum(axis=1, dtype=jnp.int32)[:, None] + offsets[None]
     return jnp.concatenate([prompt_positions, completion_positions], axis=1)
 
@@ -139,9 +138,8 @@ def completion_logprobs(
     completion's first token.
     """
     num_prompts, group, num_tokens = completions.shape
-    positions = group_positions(segment_ids, num_tokens, group)
-    hidden = model(input_ids, positions, segment_ids)
     prompt = input_ids.shape[1] - group * (num_tokens - 1)
+    hidden = model(input_ids, group_positions(segment_ids, prompt, group), segment_ids)
     first = jnp.broadcast_to(hidden[:, prompt - 1, None, None], (num_prompts, group, 1, hidden.shape[-1]))
     rest = hidden[:, prompt:].reshape(num_prompts, group, num_tokens - 1, hidden.shape[-1])
     logits = model.logits(jnp.concatenate([first, rest], axis=2))
