@@ -69,7 +69,12 @@ def task_losses(m: dict[str, Any]) -> dict[str, float]:
 
 class Meter:
     """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end.
-    Each record also holds `step_stats(step metrics)`: the per-task losses by default (SFT), the GRPO figures in RL."""
+    Each record also holds `step_stats(step metrics)`: the per-task losses by default (SFT), the GRPO figures in RL.
+
+    A step's time runs from one step's hand-over (`push`) to the next's, held-out evaluations and saves excluded:
+    in SFT that is one step on the device; in RL, whose batch source rolls out with the params of the step before,
+    it is the update and the next rollout. So a step is read (its metrics checked, `flush`) as soon as the loop
+    needs it, but recorded (timed, logged) only at the next hand-over or at `finish`."""
 
     def __init__(
         self,
@@ -88,7 +93,8 @@ class Meter:
         self.run, self.tracker, self.total, self.start, self.log_every = run, tracker, total_steps, start, log_every
         self.flops, self.n_devices, self.peak, self.last_good = flops, n_devices, peak_flops_per_device(), last_good
         self.step_stats = step_stats
-        self.pending: tuple[int, Any] | None = None
+        self.pending: tuple[int, Any] | None = None  # handed over, not read
+        self.read: tuple[int, dict[str, Any]] | None = None  # read, not recorded
         self.tokens = self.targets = self.timed_steps = 0
         self.timed_s, self.last_loss = 0.0, float("nan")
         self.bar = None
@@ -96,36 +102,49 @@ class Meter:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train")
-        self.t_last = time.perf_counter()
+        self.t_last = self.t_read = time.perf_counter()
+        self.excluded_s = 0.0
 
     def push(self, step: int, metrics: Any) -> None:
-        """Hand over step `step`'s device metrics; the previous step's are read now."""
-        self.flush()
+        """Hand over step `step`'s device metrics; the steps before it are read and recorded now."""
+        self.finish()
         self.pending = (step, metrics)
 
-    def restart_clock(self) -> None:
-        """Time spent since the last step (a held-out evaluation, a save) is not training time."""
-        self.t_last = time.perf_counter()
-
     def flush(self) -> None:
-        """Read the pending step's metrics: check them, count them, log them."""
+        """Read the pending step's metrics (wait for them) and check them, before anything uses its params."""
         if self.pending is None:
             return
         step, metrics = self.pending
         self.pending = None
         m = jax.device_get(metrics)
         self._check_finite(step, m)
-        now = time.perf_counter()
-        dt, self.t_last = now - self.t_last, now
         self.last_loss = float(m["loss"])
-        if step > self.start + 1:  # the first step includes compilation
+        self.read, self.t_read = (step, m), time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """The time since the last read (a held-out evaluation, a save) is not training time."""
+        now = time.perf_counter()
+        self.excluded_s, self.t_read = self.excluded_s + now - self.t_read, now
+
+    def finish(self) -> None:
+        """Read the pending step, and time, count and log the read one."""
+        self.flush()
+        self._record(timed=True)
+
+    def _record(self, *, timed: bool) -> None:
+        if self.read is None:
+            return
+        (step, m), self.read = self.read, None
+        now = time.perf_counter()
+        dt, self.t_last, self.excluded_s = now - self.t_last - self.excluded_s, now, 0.0
+        if timed and step > self.start + 1:  # the first step includes compilation
             self.tokens += int(m["tokens"])
             self.targets += int(m["supervised_tokens"])
             self.timed_s += dt
             self.timed_steps += 1
-        record = {"step": step, "loss": self.last_loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
+        record = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"])}
         extra = self.step_stats(m)
-        record.update(tokens_per_s=self.tokens_per_s, step_time_s=dt, mfu=self.mfu, **extra)
+        record.update(tokens_per_s=self.tokens_per_s, step_time_s=dt if timed else None, mfu=self.mfu, **extra)
         self._show(record, extra)
 
     def _check_finite(self, step: int, m: dict[str, Any]) -> None:
@@ -178,5 +197,7 @@ class Meter:
         }
 
     def close(self) -> None:
+        """A step read before an error (a failed save) is still logged, untimed: the error's time is not the step's."""
+        self._record(timed=False)
         if self.bar is not None:
             self.bar.close()

@@ -317,12 +317,14 @@ def fit(
                 if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
                     meter.flush()
                     session.save(done)
+                    meter.restart_clock()
                 if preempt.stop_after(done):
                     meter.flush()
                     session.save(done, wait=True)
+                    meter.restart_clock()
                     summary.update(preempted_at=done)
                     break
-            meter.flush()
+            meter.finish()
             session.save_final(total_steps, summary)
             final = session.final_model()
         finally:

@@ -438,3 +438,63 @@ def test_per_task_losses_from_the_loss_stats_add_up_to_the_step_loss(tmp_path):
         mask = (b["targets"] >= 0) & (np.arange(LEN) % 2 == keep)
         picked = np.take_along_axis(logp, np.maximum(b["targets"], 0)[..., None], -1)[..., 0]
         assert records[0][f"loss/{name}"] == pytest.approx(-picked[mask].mean(), rel=1e-5)
+
+
+class RolloutClock:
+    """A fake clock and device for a loop whose batch source needs the last update's params, as RL's rollouts do:
+    each step's update takes UPDATE s on the device from its dispatch; drawing a batch waits for the last update,
+    then rolls out (ROLLOUT s); reading a step's metrics waits for its update; an evaluation takes EVAL s."""
+
+    UPDATE, ROLLOUT, EVAL = 0.25, 0.5, 4.0
+
+    def __init__(self):
+        self.now, self.done_at = 0.0, []  # each dispatched step's end; popped as the steps are read
+
+    def perf_counter(self):
+        return self.now
+
+    def rollout(self):
+        self.now = max([self.now, *self.done_at]) + self.ROLLOUT
+        self.done_at.append(self.now + self.UPDATE)  # the step dispatched on this batch
+
+    def read_oldest_step(self):
+        self.now = max(self.now, self.done_at.pop(0))
+
+
+def test_step_time_is_one_update_and_rollout_also_where_an_evaluation_or_a_save_reads_it_early(tmp_path, monkeypatch):
+    """Before an evaluation or a save the loop reads the step at once, before the next rollout: the step's time still
+    holds that rollout (as every other step's does) and never the evaluation."""
+    import types
+
+    import sid.meter
+
+    clock = RolloutClock()
+
+    class Rollouts(ToyBatches):
+        def __next__(self):
+            clock.rollout()
+            return super().__next__()
+
+    class Timed:
+        every = 3
+
+        def __call__(self, model, step):
+            clock.now += clock.EVAL
+            return {"valid/hr@10": 0.0}
+
+    class Jax:  # sid.meter's view of jax: reading metrics takes the fake device's time
+        def __getattr__(self, name):
+            return getattr(jax, name)
+
+        def device_get(self, x):
+            clock.read_oldest_step()
+            return jax.device_get(x)
+
+    monkeypatch.setattr(sid.meter, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(sid.meter, "jax", Jax())
+    _, summary = run_fit(tmp_path, Rollouts(), steps=8, evaluators=[Timed()], save_every=4)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    times = {r["step"]: r["step_time_s"] for r in records if "step_time_s" in r}
+    period = clock.UPDATE + clock.ROLLOUT
+    assert times == {1: clock.ROLLOUT + period, **dict.fromkeys(range(2, 8), period), 8: clock.UPDATE}
+    assert summary["step_time_s"] == pytest.approx((6 * period + clock.UPDATE) / 7)
