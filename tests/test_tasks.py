@@ -1,6 +1,7 @@
 """The SFT task mix: exact prompt strings, label masks (against HF tokenization), counts, load_split."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +56,11 @@ def test_exact_prompts_of_each_task(industrial):
     by_task = {}
     for s in samples:
         by_task.setdefault(s.task, []).append(s)
+    # 3,686 titled items: 3,670 distinct SIDs and 3,646 distinct titles (test_alignment_samples_are_upstreams).
     assert [len(by_task[t]) for t in ("next_sid", "sid2title", "title2sid", "fusion", "title_history")] == [
         1,
-        3686,
-        3686,
+        3670,
+        3646,
         1,
         1,
     ]
@@ -101,6 +103,29 @@ def test_exact_prompts_of_each_task(industrial):
         f"Which item has the title: {item0[1]}?\n\n### Response:\n"
     )
     assert s.completion == item0[0] + "\n"
+
+
+def test_alignment_samples_are_upstreams(shared_data, industrial):
+    """Upstream's alignment samples come from two dicts over the raw index and item files, filled in the index's
+    order (title -> SID, SID -> title; later items overwrite): built here from the JSON alone."""
+    d = shared_data / "minionerec_industrial"
+    index = json.loads((d / "Industrial_and_Scientific.index.json").read_text())
+    items = json.loads((d / "Industrial_and_Scientific.item.json").read_text())
+    sid2title, title2sid = {}, {}
+    for item, tokens in index.items():
+        if item in items:
+            sid2title["".join(tokens)] = items[item]["title"]
+            title2sid[items[item]["title"]] = "".join(tokens)
+    assert len(sid2title) < len(index) and len(title2sid) < len(index)  # the shipped catalog has both collisions
+    samples = build_sft_samples([], industrial[1], TasksConfig(next_sid=False, alignment=True), CATEGORY)
+    got = {t: [(s.prompt, s.completion) for s in samples if s.task == t] for t in ("sid2title", "title2sid")}
+    frame = HEAD + "Answer the question about item identification.\n\n### User Input: \n{}\n\n### Response:\n"
+    assert got["sid2title"] == [
+        (frame.format(f'What is the title of item "{sid}"?'), title + "\n") for sid, title in sid2title.items()
+    ]
+    assert got["title2sid"] == [
+        (frame.format(f"Which item has the title: {title}?"), sid + "\n") for title, sid in title2sid.items()
+    ]
 
 
 def test_eval_prompts_both_wordings(industrial):
@@ -155,7 +180,7 @@ def test_overlong_samples_keep_their_last_tokens(industrial, toks):
 def test_sample_counts_and_letter_needs_titles(industrial, shared_data):
     rows, catalog = industrial
     seed_mix = build_sft_samples(rows, catalog, TasksConfig(), CATEGORY)
-    assert len(seed_mix) == 4533 + 2 * 3686 + 4533
+    assert len(seed_mix) == 4533 + 3670 + 3646 + 4533
     letter = DataConfig(source="letter", dir="letter_instruments", category="Instruments", data_root=str(shared_data))
     valid, letter_catalog, report = load_split(letter, "valid")
     assert len(valid) == 24772 and report.total == 0

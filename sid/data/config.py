@@ -72,7 +72,8 @@ class TasksConfig:
     next_sid: bool = True
     """1. SID history → next SID."""
     alignment: bool = True
-    """2. SID↔title alignment, one sample per item and direction."""
+    """2. SID↔title alignment: one sid2title sample per distinct SID and one title2sid per distinct title (the
+    last item with it in the index), as upstream."""
     fusion: bool = True
     """3. SID history → next item's title."""
     title_history: bool = False

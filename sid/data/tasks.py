@@ -8,7 +8,7 @@ over-long sample keeps its last `max_len` tokens, as upstream does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -70,26 +70,37 @@ def _next_sid(it: Interaction) -> Sample:
     return Sample(frame(NEXT_SID_INSTRUCTION, next_sid_input(it.history_sids)), it.target_sid + "\n", "next_sid")
 
 
-def _titled_items(catalog: Catalog) -> list[int]:
-    return sorted(i for i in catalog.sids if i in catalog.titles)
+SID2TITLE_QUESTION = 'What is the title of item "{}"?'
+TITLE2SID_QUESTION = "Which item has the title: {}?"
+
+
+def _alignment_items(catalog: Catalog, key: Callable[[int], str]) -> list[int]:
+    """One titled item per distinct `key(item)`: the last in the index file's order, at the place of the first.
+    Upstream builds its alignment samples from a dict filled so, which drops the contradictory ones (two items
+    with one title give one title2sid sample, the later item's SID; two with one SID, one sid2title sample)."""
+    last: dict[str, int] = {}
+    for item in catalog.sids:
+        if item in catalog.titles:
+            last[key(item)] = item
+    return list(last.values())
 
 
 def sid2title_samples(catalog: Catalog) -> list[Sample]:
-    """SID -> title for every item of the catalog that has a title (in item id order)."""
-    question = 'What is the title of item "{}"?'
+    """SID -> title, one per distinct SID of the titled items (`_alignment_items`)."""
     return [
-        Sample(frame(ALIGNMENT_INSTRUCTION, question.format(catalog.sids[i])), catalog.titles[i] + "\n", "sid2title")
-        for i in _titled_items(catalog)
-    ]
+        Sample(frame(ALIGNMENT_INSTRUCTION, SID2TITLE_QUESTION.format(catalog.sids[i])), catalog.titles[i] + "\n",
+               "sid2title")
+        for i in _alignment_items(catalog, catalog.sids.__getitem__)
+    ]  # fmt: skip
 
 
 def title2sid_samples(catalog: Catalog) -> list[Sample]:
-    """Title -> SID for every item of the catalog that has a title (in item id order)."""
-    question = "Which item has the title: {}?"
+    """Title -> SID, one per distinct title (`_alignment_items`)."""
     return [
-        Sample(frame(ALIGNMENT_INSTRUCTION, question.format(catalog.titles[i])), catalog.sids[i] + "\n", "title2sid")
-        for i in _titled_items(catalog)
-    ]
+        Sample(frame(ALIGNMENT_INSTRUCTION, TITLE2SID_QUESTION.format(catalog.titles[i])), catalog.sids[i] + "\n",
+               "title2sid")
+        for i in _alignment_items(catalog, catalog.titles.__getitem__)
+    ]  # fmt: skip
 
 
 def _fusion(it: Interaction, catalog: Catalog) -> Sample:

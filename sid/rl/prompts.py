@@ -15,7 +15,7 @@ import numpy as np
 
 from sid.data.config import TasksConfig
 from sid.data.minionerec import Catalog, Interaction
-from sid.data.tasks import ALIGNMENT_INSTRUCTION, eval_prompts, frame, title2sid_samples, title_history_sample
+from sid.data.tasks import ALIGNMENT_INSTRUCTION, TITLE2SID_QUESTION, eval_prompts, frame, title_history_sample
 from sid.errors import ConfigError
 from sid.rl.config import PROMPT_TASKS, RLConfig
 
@@ -51,6 +51,14 @@ def description2sid(catalog: Catalog) -> list[tuple[str, str]]:
     ]
 
 
+def title2sid(catalog: Catalog) -> list[tuple[str, str]]:
+    """(prompt, SID) for every titled item, in item id order, in the SFT task's question (SFT's own samples keep
+    one item per title, upstream's way, which would hide the titles `one_answer` must leave out)."""
+    titled = sorted(i for i in catalog.sids if i in catalog.titles)
+    prompts = [frame(ALIGNMENT_INSTRUCTION, TITLE2SID_QUESTION.format(catalog.titles[i])) for i in titled]
+    return list(zip(prompts, [catalog.sids[i] for i in titled], strict=True))
+
+
 def _title_history(rows: Sequence[Interaction], rl: RLConfig, category_text: str, seed: int) -> list[tuple[str, str]]:
     """A seeded sample of at most rl.title_history_samples train rows (all when 0), in train order."""
     keep = np.arange(len(rows))
@@ -73,8 +81,7 @@ def rl_prompts(
         out["next_sid"] = eval_prompts(rows, tasks)
     if "title2sid" in rl.prompts:
         _needs("title2sid", "titles", catalog.titles, catalog)
-        titles = [(s.prompt, s.completion.removesuffix("\n")) for s in title2sid_samples(catalog)]
-        out["title2sid"] = one_answer("title2sid", titles)
+        out["title2sid"] = one_answer("title2sid", title2sid(catalog))
     if "description2sid" in rl.prompts:
         _needs("description2sid", "descriptions", catalog.descriptions, catalog)
         out["description2sid"] = one_answer("description2sid", description2sid(catalog))
