@@ -126,6 +126,7 @@ class SidStep:
             pad_id=tok.pad_id,
             prompt_length=prompt_length(prompts, EvalConfig().prompt_buckets),
             run_dir=Path(tempfile.gettempdir()),  # a frozen reference (no sync) writes nothing there
+            micro_batches=spec["accum"],
         )
         self.prompt_width = self.source.ids.shape[1]
         self._init_update(model, make_loss_fn(beta=BETA, kind="grpo"))

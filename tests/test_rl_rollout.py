@@ -14,7 +14,7 @@ from test_rl_rewards import P0, P2
 from sid.config import MeshConfig
 from sid.models.qwen2 import SHARED_SEGMENT
 from sid.parallel.host import to_global
-from sid.parallel.mesh import make_mesh
+from sid.parallel.mesh import batch_sharding, make_mesh
 from sid.rl.advantages import group_advantages
 from sid.rl.config import RLConfig
 from sid.rl.loss import completion_logprobs, make_loss_fn, rl_step_stats
@@ -151,3 +151,24 @@ def test_add_gt_puts_the_target_last_and_target_leaves_name_a_missing_sid(trie):
     assert leaves[0, 2] == 3  # the rollout's own leaves are left as they were
     with pytest.raises(ValueError, match="target SID <a_99><b_0><c_0> is not in the catalog's trie"):
         target_leaves(trie, [trie.sids[1], "<a_99><b_0><c_0>"])
+
+
+def test_reference_logprobs_run_in_the_updates_micro_batches(trie):
+    """The reference pass over 4 prompts in 2 micro-batches of 2 (on a 2-device mesh) gives the whole batch's
+    log-probs, each prompt's in its own place."""
+    model = _model(seed=2)
+    _, ids, mask = _prompts(4, seed=6)
+    rows = group_rows(trie, ids, mask, np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 3)))
+    whole = eqx.filter_jit(completion_logprobs)(model, rows["input_ids"], rows["segment_ids"], rows["completions"])
+    source = RolloutSource.__new__(RolloutSource)  # only the reference pass: no trie, prompts or policy
+    seen = []
+
+    def ref_logprobs(reference, input_ids, segment_ids, completions):
+        seen.append(input_ids.shape[0])
+        return eqx.filter_jit(completion_logprobs)(reference, input_ids, segment_ids, completions)
+
+    source.micro_batches, source.ref_logprobs = 2, ref_logprobs
+    source.sharding = batch_sharding(make_mesh(MeshConfig(dp=2), jax.devices()[:2]))
+    out = source._reference_logprobs(model, rows)
+    assert seen == [2, 2] and out.shape == (4, 3, rows["completions"].shape[2])
+    np.testing.assert_allclose(out, np.asarray(whole), rtol=1e-5, atol=1e-6)

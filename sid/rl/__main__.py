@@ -106,7 +106,8 @@ def run_rl(job: RLJob) -> dict:
     prompts = tok.encode_batch([p for p, _ in pairs])
     length = prompt_length(prompts, job.eval.prompt_buckets)
     source = RolloutSource(trie, prompts, [t for _, t in pairs], model, job.rl, mesh, prompt_length=length,
-                           pad_id=tok.pad_id, seed=job.train.seed, run_dir=run.path)  # fmt: skip
+                           pad_id=tok.pad_id, seed=job.train.seed, run_dir=run.path,
+                           micro_batches=job.train.grad_accum_steps)  # fmt: skip
     steps = job.train.max_steps or math.ceil(job.train.epochs * len(pairs) / job.rl.prompts_per_step)
     log.info("rl: %d prompts (%s), %d per step x %d completions, %d steps", len(pairs),
              ", ".join(f"{name} {len(p)}" for name, p in sets.items()), job.rl.prompts_per_step, job.rl.group_size,

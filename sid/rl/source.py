@@ -54,8 +54,9 @@ class RolloutSource:
     """GRPO batches from the live policy's own rollouts over the train prompts (see the module docstring)."""
 
     def __init__(self, trie: SidTrie, prompts: list[list[int]], targets: list[str], start, cfg: RLConfig, mesh,
-                 *, prompt_length: int, pad_id: int, seed: int, run_dir: Path):  # fmt: skip
+                 *, prompt_length: int, pad_id: int, seed: int, run_dir: Path, micro_batches: int = 1):  # fmt: skip
         self.trie, self.targets, self.cfg, self.mesh, self.seed = trie, np.asarray(targets), cfg, mesh, seed
+        self.micro_batches = micro_batches  # the reference pass's, as the update's (train.grad_accum_steps)
         self.sharding = batch_sharding(mesh)
         self.target_leaves = target_leaves(trie, targets)
         self.ids, self.mask = left_pad(prompts, prompt_length, pad_id)
@@ -107,11 +108,18 @@ class RolloutSource:
         leaves = self._rollout(policy, idx, step)
         rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
         rows = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves)
-        placed = (global_array(rows[k], self.sharding) for k in ("input_ids", "segment_ids", "completions"))
-        ref_logp = self.ref_logprobs(reference, *placed)
-        batch = {**rows, "advantages": advantages, "ref_logp": np.asarray(to_host(ref_logp))}
+        batch = {**rows, "advantages": advantages, "ref_logp": self._reference_logprobs(reference, rows)}
         batch.update(rollout_columns(self.trie, leaves, self.targets[idx], rewards))
         return process_rows(batch)
+
+    def _reference_logprobs(self, reference, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """The reference model's log-probs of the grouped rows' completions [P, G, T], in the update's micro-batches
+        of prompts: the pass never holds more logits ([prompts, G, T, vocab]) than one update micro-batch does."""
+        out = []
+        for part in np.split(np.arange(len(rows["input_ids"])), self.micro_batches):
+            placed = (global_array(rows[k][part], self.sharding) for k in ("input_ids", "segment_ids", "completions"))
+            out.append(np.asarray(to_host(self.ref_logprobs(reference, *placed))))
+        return np.concatenate(out)
 
     def _rollout(self, policy, idx: np.ndarray, step: int) -> np.ndarray:
         """The policy's completions (trie leaves [prompts, G]) for the prompts `idx`: beams, or samples (keys from
