@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -69,7 +69,8 @@ def task_losses(m: dict[str, Any]) -> dict[str, float]:
 
 class Meter:
     """Times the steps (the first one, which compiles, is not timed), logs every `log_every` steps and at the end.
-    Each record also holds `step_stats(step metrics)`: the per-task losses by default (SFT), the GRPO figures in RL.
+    Each record also holds `step_stats(step metrics)`: the per-task losses by default (SFT), the GRPO figures in RL;
+    the progress bar shows those named in `bar_stats` beside the loss (RL's loss is about 0 whatever it learns).
 
     A step's time runs from one step's hand-over (`push`) to the next's, held-out evaluations and saves excluded:
     in SFT that is one step on the device; in RL, whose batch source rolls out with the params of the step before,
@@ -89,10 +90,11 @@ class Meter:
         progress_bar: bool,
         last_good: Callable[[], str],
         step_stats: Callable[[dict[str, Any]], dict[str, float]] = task_losses,
+        bar_stats: Sequence[str] = (),
     ):
         self.run, self.tracker, self.total, self.start, self.log_every = run, tracker, total_steps, start, log_every
         self.flops, self.n_devices, self.peak, self.last_good = flops, n_devices, peak_flops_per_device(), last_good
-        self.step_stats = step_stats
+        self.step_stats, self.bar_stats = step_stats, bar_stats
         self.pending: tuple[int, Any] | None = None  # handed over, not read
         self.read: tuple[int, dict[str, Any]] | None = None  # read, not recorded
         self.tokens = self.targets = self.timed_steps = 0
@@ -173,6 +175,7 @@ class Meter:
             post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{self.tokens_per_s:,.0f}"}
             if mfu is not None:
                 post["mfu"] = f"{100 * mfu:.1f}%"
+            post.update({k.rsplit("/", 1)[-1]: f"{extra[k]:.4g}" for k in self.bar_stats if k in extra})
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         if step % self.log_every and step != self.total:

@@ -285,10 +285,12 @@ def fit(
     flops: TrainFlops | None = None,
     evaluators: Sequence[Evaluator] = (),
     step_stats: Callable[[dict[str, Any]], dict[str, float]] = task_losses,
+    bar_stats: Sequence[str] = (),
 ) -> tuple[Any, dict[str, Any]]:
     """Train `model` for `total_steps` optimizer steps (resuming from the newest checkpoint when cfg.resume);
     returns the model to hand on (`_Session.final_model`) and run_summary.json's `train` section. `step_stats`
-    turns a step's host metrics (the loss's additive stats among them) into the extra figures each log records."""
+    turns a step's host metrics (the loss's additive stats among them) into the extra figures each log records;
+    the progress bar shows those `bar_stats` names."""
     t_start = time.perf_counter()
     session = _Session(model, loss_fn, optimizer, lr_schedule, batches, cfg, mesh, run)
     if hasattr(batches, "attach"):
@@ -298,7 +300,7 @@ def fit(
     meter = Meter(
         run=run, tracker=tracker, total_steps=total_steps, start=session.start, log_every=cfg.log_every,
         flops=flops, n_devices=mesh.devices.size, progress_bar=cfg.progress_bar,
-        last_good=session.describe_last_saved, step_stats=step_stats,
+        last_good=session.describe_last_saved, step_stats=step_stats, bar_stats=bar_stats,
     )  # fmt: skip
     summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * cfg.grad_accum_steps}
     summary["start_step"] = session.start

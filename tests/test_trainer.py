@@ -498,3 +498,20 @@ def test_step_time_is_one_update_and_rollout_also_where_an_evaluation_or_a_save_
     period = clock.UPDATE + clock.ROLLOUT
     assert times == {1: clock.ROLLOUT + period, **dict.fromkeys(range(2, 8), period), 8: clock.UPDATE}
     assert summary["step_time_s"] == pytest.approx((6 * period + clock.UPDATE) / 7)
+
+
+def test_progress_bar_shows_the_named_step_stats(tmp_path):
+    from sid.meter import Meter
+
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    meter = Meter(
+        run=RunDir(cfg.output_dir, cfg), tracker=Tracker(WandbConfig(), run_name="t", config={}), total_steps=3,
+        start=0, log_every=1, flops=None, n_devices=1, progress_bar=True, last_good=lambda: "none",
+        step_stats=lambda m: {"rollout/reward_mean": float(m["reward"]), "kl": 0.5}, bar_stats=("rollout/reward_mean",),
+    )  # fmt: skip
+    figures = {"loss": 0.0, "lr": 1.0, "grad_norm": 1.0, "tokens": 8, "supervised_tokens": 2}
+    for step, reward in ((1, 0.25), (2, 0.125)):
+        meter.push(step, {**figures, "reward": reward})
+    meter.finish()
+    assert "reward_mean=0.125" in meter.bar.postfix and "kl" not in meter.bar.postfix
+    meter.close()

@@ -124,6 +124,7 @@ def run_rl(job: RLJob) -> dict:
             model=model, loss_fn=make_loss_fn(beta=job.rl.beta, kind=job.rl.loss), optimizer=optimizer,
             lr_schedule=lr, batches=source, total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
             flops=train_flops(model, grouped_length), step_stats=rl_step_stats,
+            bar_stats=("rollout/reward_mean", "kl"),
             evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),
         )  # fmt: skip
     finally:
