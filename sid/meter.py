@@ -4,10 +4,11 @@ so that dispatch stays asynchronous, and refuses non-finite values before anythi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -123,8 +124,12 @@ class Meter:
         self.last_loss = float(m["loss"])
         self.read, self.t_read = (step, m), time.perf_counter()
 
-    def restart_clock(self) -> None:
-        """The time since the last read (a held-out evaluation, a save) is not training time."""
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Read the pending step now (its params are about to be evaluated or saved); what runs inside (and since
+        the read) is left out of the step times."""
+        self.flush()
+        yield
         now = time.perf_counter()
         self.excluded_s, self.t_read = self.excluded_s + now - self.t_read, now
 

@@ -288,9 +288,8 @@ def fit(
     bar_stats: Sequence[str] = (),
 ) -> tuple[Any, dict[str, Any]]:
     """Train `model` for `total_steps` optimizer steps (resuming from the newest checkpoint when cfg.resume);
-    returns the model to hand on (`_Session.final_model`) and run_summary.json's `train` section. `step_stats`
-    turns a step's host metrics (the loss's additive stats among them) into the extra figures each log records;
-    the progress bar shows those `bar_stats` names."""
+    returns the model to hand on (`_Session.final_model`) and run_summary.json's `train` section. `step_stats` turns
+    a step's host metrics into the extra figures each log records; the progress bar shows those `bar_stats` names."""
     t_start = time.perf_counter()
     session = _Session(model, loss_fn, optimizer, lr_schedule, batches, cfg, mesh, run)
     if hasattr(batches, "attach"):
@@ -302,28 +301,25 @@ def fit(
         flops=flops, n_devices=mesh.devices.size, progress_bar=cfg.progress_bar,
         last_good=session.describe_last_saved, step_stats=step_stats, bar_stats=bar_stats,
     )  # fmt: skip
-    summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * cfg.grad_accum_steps}
-    summary["start_step"] = session.start
+    summary: dict[str, Any] = {"steps": total_steps, "micro_steps": total_steps * cfg.grad_accum_steps,
+                               "start_step": session.start}  # fmt: skip
     with _Preemption() as preempt:
         try:
             for done in range(session.start + 1, total_steps + 1):
                 meter.push(done, session.step(next(batches)))
                 # Evaluate before saving: a checkpoint of step `done` then holds the selection with its evaluation.
                 if scheduled := due(evaluators, done, total_steps):
-                    meter.flush()
-                    session.evaluate(done, scheduled, run, tracker)
-                    meter.restart_clock()
+                    with meter.paused():
+                        session.evaluate(done, scheduled, run, tracker)
                     if session.selection.should_stop:
                         summary.update(early_stopped_at=done)
                         break
                 if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-                    meter.flush()
-                    session.save(done)
-                    meter.restart_clock()
+                    with meter.paused():
+                        session.save(done)
                 if preempt.stop_after(done):
-                    meter.flush()
-                    session.save(done, wait=True)
-                    meter.restart_clock()
+                    with meter.paused():
+                        session.save(done, wait=True)
                     summary.update(preempted_at=done)
                     break
             meter.finish()
