@@ -75,7 +75,7 @@ class Meter:
 
     A step's time runs from one step's hand-over (`push`) to the next's, held-out evaluations and saves excluded:
     in SFT that is one step on the device; in RL, whose batch source rolls out with the params of the step before,
-    it is the update and the next rollout. So a step is read (its metrics checked, `flush`) as soon as the loop
+    it is the update and the next rollout. So a step is read (its metrics checked) as soon as the loop
     needs it, but recorded (timed, logged) only at the next hand-over or at `finish`."""
 
     def __init__(
@@ -113,7 +113,7 @@ class Meter:
         self.finish()
         self.pending = (step, metrics)
 
-    def flush(self) -> None:
+    def _read(self) -> None:
         """Read the pending step's metrics (wait for them) and check them, before anything uses its params."""
         if self.pending is None:
             return
@@ -128,14 +128,14 @@ class Meter:
     def paused(self) -> Iterator[None]:
         """Read the pending step now (its params are about to be evaluated or saved); what runs inside (and since
         the read) is left out of the step times."""
-        self.flush()
+        self._read()
         yield
         now = time.perf_counter()
         self.excluded_s, self.t_read = self.excluded_s + now - self.t_read, now
 
     def finish(self) -> None:
         """Read the pending step, and time, count and log the read one."""
-        self.flush()
+        self._read()
         self._record(timed=True)
 
     def _record(self, *, timed: bool) -> None:
