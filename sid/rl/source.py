@@ -115,11 +115,10 @@ class RolloutSource:
     def _reference_logprobs(self, reference, rows: dict[str, np.ndarray]) -> np.ndarray:
         """The reference model's log-probs of the grouped rows' completions [P, G, T], in the update's micro-batches
         of prompts: the pass never holds more logits ([prompts, G, T, vocab]) than one update micro-batch does."""
-        out = []
-        for part in np.split(np.arange(len(rows["input_ids"])), self.micro_batches):
-            placed = (global_array(rows[k][part], self.sharding) for k in ("input_ids", "segment_ids", "completions"))
-            out.append(np.asarray(to_host(self.ref_logprobs(reference, *placed))))
-        return np.concatenate(out)
+        keys = ("input_ids", "segment_ids", "completions")
+        parts = zip(*(np.split(rows[k], self.micro_batches) for k in keys), strict=True)
+        out = [self.ref_logprobs(reference, *(global_array(a, self.sharding) for a in part)) for part in parts]
+        return np.concatenate([np.asarray(to_host(logp)) for logp in out])
 
     def _rollout(self, policy, idx: np.ndarray, step: int) -> np.ndarray:
         """The policy's completions (trie leaves [prompts, G]) for the prompts `idx`: beams, or samples (keys from
