@@ -11,8 +11,8 @@ steps, each split into rollout, host (rewards, advantages, rows), reference log-
 sid: `sid.rl.source.RolloutSource` (`sid.eval.beam.sharded_beam_search`, `score_groups`, `group_rows`, jitted
 `completion_logprobs` of a copy of the initial policy) and `sid.step.make_train_step` with
 `sid.rl.loss.make_loss_fn`, jitted and donated, as `sid.trainer.fit` runs them; prompts left-padded to their
-eval bucket (128). sid's reference pass and update run each prompt once with its G completions beside it
-(`group_rows`); the baseline repeats the prompt in each of its P x G rows, as TRL does.
+eval bucket (128). sid's reference pass and update run each prompt once with its G completions beside it, packed
+several to a row where they fit (`group_rows`); the baseline repeats the prompt in each of its P x G rows, as TRL does.
 
 Baseline: `transformers.Qwen2ForCausalLM` of the same architecture (random init; sid's initial weights with
 --same-weights), bf16 on a GPU and f32 on a CPU, policy and a frozen reference copy. Rollout: one
@@ -175,7 +175,7 @@ class SidStep:
         if self.compiled is None:  # the first step: also keep its rows for the baseline's cross-check
             self.compiled = self.step_fn.lower(self.state, batch).compile()
             if self.spec["weights_dir"]:
-                keep = ("input_ids", "segment_ids", "completions", "advantages", "ref_logp")
+                keep = ("input_ids", "segment_ids", "completions", "completion_mask", "ref_logp")
                 np.savez(Path(self.spec["weights_dir"]) / FIRST_BATCH, **{k: host[k] for k in keep})
         self.state, metrics = self.compiled(self.state, batch)
         metrics = jax.device_get(metrics)
@@ -186,8 +186,9 @@ class SidStep:
             "host_s": t1 - t0 - self.split["rollout_s"] - self.split["ref_logprobs_s"],
             "update_s": t2 - t1,
             "step_s": t2 - t0,
-            "rows": int(host["completions"].shape[0] * host["completions"].shape[1]),
-            "completion_tokens": int(host["completions"].shape[2]),
+            "rows": int(host["completion_mask"].any(axis=-1).sum()),  # completions, as the baseline's rows
+            "packed_rows": int(host["input_ids"].shape[0]),
+            "completion_tokens": int(host["completions"].shape[-1]),
             "loss": float(metrics["loss"]),
             "reward_mean": stats["rollout/reward_mean"],
             "kl": stats["kl"],
@@ -235,16 +236,22 @@ def torch_grpo_loss(logp, ref_logp, advantages, mask, beta: float):
     return (per_token * mask).sum(dim=1) / mask.sum(dim=1)
 
 
-def separate_rows(batch) -> tuple[np.ndarray, np.ndarray]:
-    """sid's grouped rows (`sid.rl.rollout.group_rows`: each prompt once, its G completions after it) as the
-    baseline's rows: the prompt repeated before each completion, [P * G, prompt + T] ids and attention mask."""
-    completions = batch["completions"]
-    num_prompts, group, num_tokens = completions.shape
-    width = batch["input_ids"].shape[1] - group * (num_tokens - 1)
-    prompts = np.repeat(batch["input_ids"][:, :width], group, axis=0)
-    mask = np.repeat(batch["segment_ids"][:, :width] != 0, group, axis=0)
-    ids = np.concatenate([prompts, completions.reshape(-1, num_tokens)], axis=1)
-    return ids, np.concatenate([mask, np.ones((len(ids), num_tokens), bool)], axis=1)
+def separate_rows(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sid's rows (`sid.rl.rollout.group_rows`: each prompt once with its G completions, several prompts to a row)
+    as the baseline's: each prompt, left-padded to the longest, repeated before each of its completions, [P * G,
+    prompt + T] ids and attention mask; and sid's reference log-probs [P, G, T] in the same order of groups."""
+    from sid.models.qwen2 import prefix_segments
+    from sid.rl.source import left_pad
+
+    groups = batch["completion_mask"].any(axis=(2, 3))  # [rows, slots]: the slots that hold a group
+    group, num_tokens = batch["completions"].shape[2:]
+    prompts = [
+        batch["input_ids"][r][batch["segment_ids"][r] == prefix_segments(int(j), group)[0]].tolist()
+        for r, j in zip(*np.nonzero(groups), strict=True)
+    ]
+    ids, mask = (np.repeat(a, group, axis=0) for a in left_pad(prompts, max(map(len, prompts)), 0))
+    ids = np.concatenate([ids, batch["completions"][groups].reshape(-1, num_tokens)], axis=1)
+    return ids, np.concatenate([mask, np.ones((len(ids), num_tokens), bool)], axis=1), batch["ref_logp"][groups]
 
 
 def torch_completion_logprobs(model, ids, mask, num_tokens: int, valid_vocab: int):
@@ -417,12 +424,13 @@ class TorchStep:
         import torch
 
         batch = np.load(Path(self.spec["weights_dir"]) / FIRST_BATCH)
-        ids, mask = (torch.tensor(a, dtype=torch.long, device=self.device) for a in separate_rows(batch))
-        ours = self.reference_logprobs(ids, mask).cpu().numpy().reshape(batch["ref_logp"].shape)
-        diff = np.abs(ours - batch["ref_logp"])
+        ids, mask, theirs = separate_rows(batch)
+        ids, mask = (torch.tensor(a, dtype=torch.long, device=self.device) for a in (ids, mask))
+        ours = self.reference_logprobs(ids, mask).cpu().numpy().reshape(theirs.shape)
+        diff = np.abs(ours - theirs)
         return {
             "ref_logp_max_abs_diff": float(diff.max()),
-            "ref_logp_mean_sid": float(batch["ref_logp"].mean()),
+            "ref_logp_mean_sid": float(theirs.mean()),
             "ref_logp_mean_torch": float(ours.mean()),
         }
 

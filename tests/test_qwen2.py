@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from tiny import tiny_qwen2
 
-from sid.models.qwen2 import Qwen2, pad_vocab, resize_vocab, unpad_vocab
+from sid.models.qwen2 import (
+    SHARED_SEGMENT,
+    Qwen2,
+    attention_mask,
+    pad_vocab,
+    prefix_segments,
+    resize_vocab,
+    unpad_vocab,
+)
 
 # init_std 0.2 gives O(1) logits, so a masking or cache bug shows far above the tolerances.
 CFG = tiny_qwen2(vocab_size=96, rope_theta=10_000.0, init_std=0.2)
@@ -74,6 +82,23 @@ def _uncached_last_logits(model, ids, mask, width=16):
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     out = forward_logits(model, jnp.asarray(ids), jnp.asarray(positions, jnp.int32), jnp.asarray(mask, jnp.int32))
     return np.asarray(out)[:, n - 1]
+
+
+def test_attention_mask_shared_prefixes_by_their_contract():
+    """Two shared prefixes in one row (as the RL stage packs prompts with their completions): a query sees its own
+    segment causally and its own prefix only; a prefix sees itself; padding sees padding and prefix 0."""
+    p0, m0 = prefix_segments(0, 2)
+    p1, m1 = prefix_segments(1, 3)
+    assert p0 == SHARED_SEGMENT and list(m0) == [1, 2] and p1 == -2 and list(m1) == [65537, 65538, 65539]
+    segments = [p0, p0, m0[0], m0[1], m0[1], p1, m1[0], m1[2], m1[2], 0, 0]
+    prefix_of = {**{m: p0 for m in m0}, **{m: p1 for m in m1}, 0: p0}
+    order = np.arange(len(segments))
+    got = np.asarray(attention_mask(*(jnp.asarray([a]) for a in (segments, order, segments, order))))[0, 0]
+    want = [[k <= q and (segments[k] == segments[q] or segments[k] == prefix_of.get(segments[q])) for k in order]
+            for q in order]  # fmt: skip
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="1 to 65535 member segments, not 65536"):
+        prefix_segments(0, 65536)
 
 
 def test_cached_greedy_decoding_equals_uncached(model):
@@ -309,7 +334,7 @@ def test_dropout_acts_only_with_a_key_and_is_a_function_of_the_key(model):
 def test_residual_dropout_zeroes_the_expected_fraction_and_rescales_the_rest(model):
     """A layer whose MLP outputs 0: out - x is the attention branch, dropped at rate p (and scaled by 1/(1-p))."""
     from sid.models.layers import rope_cos_sin
-    from sid.models.qwen2 import attention_mask, dot_product_attention
+    from sid.models.qwen2 import dot_product_attention
 
     layer = jax.tree.map(lambda a: a[0], model.layers)
     layer = eqx.tree_at(lambda m: m.mlp.down_proj.weight, layer, jnp.zeros_like(layer.mlp.down_proj.weight))
@@ -332,7 +357,7 @@ def test_residual_dropout_zeroes_the_expected_fraction_and_rescales_the_rest(mod
 
 def test_attention_dropout_drops_probabilities_at_the_rate_and_rescales_the_rest():
     """Values are one-hot per key position, so each output row is its query's (dropped) attention probabilities."""
-    from sid.models.qwen2 import attention_mask, dropout_attention
+    from sid.models.qwen2 import dropout_attention
 
     b, t, heads, kv_heads, p = 4, 32, 4, 2, 0.3
     r = np.random.default_rng(6)

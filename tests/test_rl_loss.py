@@ -1,17 +1,18 @@
 """The GRPO loss family and its gradient against a NumPy float64 reference on hand-made groups; the completion
-log-probs of grouped rows (each prompt once) against a float64 log-softmax of the model's own logits over separate
-unpadded rows, and their gradient against the separate rows'."""
+log-probs of grouped rows (each prompt once, packed or not) against a float64 log-softmax of the model's own logits
+over separate unpadded rows, and their gradient against the separate rows'."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_beam import _catalog, _model, _prompts
+from test_beam import EOS, _catalog, _model, _prompts
 
 from sid.rl.advantages import group_advantages
 from sid.rl.loss import completion_logprobs, grpo_loss, k3_kl
 from sid.rl.rollout import group_rows
+from sid.rl.source import left_pad
 
 BETA = 0.04  # larger than upstream's 1e-3 so the KL term visibly moves the loss and the gradient
 
@@ -159,23 +160,33 @@ def _separate_logprobs(model, prompts, completions):
     return jnp.take_along_axis(logp, jnp.asarray(flat)[..., None], axis=-1)[..., 0].reshape(completions.shape)
 
 
-@pytest.fixture(scope="module")
-def grouped():
-    """Five prompts of different lengths with four catalog completions each, in `group_rows`' layout."""
+@pytest.fixture(scope="module", params=[True, False], ids=["packed", "one-per-row"])
+def grouped(request):
+    """Five prompts of different lengths with four catalog completions each, in `group_rows`' layout; padded to
+    three times their bucket, so that packing puts several groups in a row: (prompts, rows, each prompt's
+    completions [P, G, T], a function of the rows' [rows, slots, ...] values giving each prompt's)."""
     trie = _catalog((4, 3, 3), 22, seed=1)
-    prompts, ids, mask = _prompts(5, seed=3)
+    prompts, ids, _ = _prompts(5, seed=3)
+    ids, mask = left_pad(prompts, 3 * ids.shape[1], EOS)
     leaves = np.random.default_rng(4).integers(0, trie.num_leaves, size=(5, 4))
-    return prompts, group_rows(trie, ids, mask, leaves)
+    rows, plan = group_rows(trie, ids, mask, leaves, pack=request.param)
+    assert (plan.num_rows < 5) == request.param and plan.slots == (2 if request.param else 1)
+
+    def per_prompt(x):
+        return x[plan.row, plan.slot]
+
+    return prompts, rows, per_prompt(rows["completions"]), per_prompt
 
 
 def test_completion_logprobs_match_float64_logits_of_separate_rows(grouped):
-    """The grouped forward (each prompt once, completions attending to it) against every [prompt | completion]
-    as its own unpadded row: the same log-probs, within f32 noise of a float64 log-softmax of the model's logits."""
+    """The grouped forward (each prompt once, completions attending to it; several prompts per row when packed)
+    against every [prompt | completion] as its own unpadded row: the same log-probs, within f32 noise of a float64
+    log-softmax of the model's logits."""
     model = _model(seed=1)
-    prompts, rows = grouped
-    completions = rows["completions"]
-    got = np.asarray(jax.jit(completion_logprobs)(model, rows["input_ids"], rows["segment_ids"], completions))
-    assert got.dtype == np.float32 and got.shape == completions.shape == (5, 4, 5)
+    prompts, rows, completions, per_prompt = grouped
+    got = np.asarray(jax.jit(completion_logprobs)(model, rows))
+    assert got.dtype == np.float32 and got.shape == rows["completions"].shape
+    got = per_prompt(got)
     ids, positions, segments = _separate_rows(prompts, completions)
     logits = np.asarray(jax.jit(lambda m, *a: m.logits(m(*a)))(model, ids, positions, segments), np.float64)
     for p, prompt in enumerate(prompts):
@@ -190,12 +201,11 @@ def test_completion_logprobs_gradient_matches_separate_rows(grouped):
     """The gradient through the shared prompt (its hidden states feed G completions) is the sum of the separate
     rows' gradients: a weighted sum of the log-probs, differentiated both ways."""
     model = _model(seed=1)
-    prompts, rows = grouped
-    completions = rows["completions"]
+    prompts, rows, completions, per_prompt = grouped
     weights = jnp.asarray(np.random.default_rng(5).normal(size=completions.shape), jnp.float32)
 
     def grouped_sum(m):
-        return (weights * completion_logprobs(m, rows["input_ids"], rows["segment_ids"], completions)).sum()
+        return (weights * per_prompt(completion_logprobs(m, rows))).sum()
 
     def separate_sum(m):
         return (weights * _separate_logprobs(m, prompts, completions)).sum()

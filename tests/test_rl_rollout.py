@@ -12,15 +12,15 @@ from test_beam import EOS, NEWLINE, _catalog, _model, _prompts
 from test_rl_rewards import P0, P2
 
 from sid.config import MeshConfig
-from sid.models.qwen2 import SHARED_SEGMENT
+from sid.models.qwen2 import prefix_segments
 from sid.parallel.host import to_global
 from sid.parallel.mesh import batch_sharding, make_mesh
 from sid.rl.advantages import group_advantages
 from sid.rl.config import RLConfig
 from sid.rl.loss import completion_logprobs, make_loss_fn, rl_step_stats
 from sid.rl.rewards import get_reward
-from sid.rl.rollout import dynamic_selection, group_rows, score_groups, target_leaves, with_target_last
-from sid.rl.source import RolloutSource, rollout_columns
+from sid.rl.rollout import dynamic_selection, group_rows, plan_rows, score_groups, target_leaves, with_target_last
+from sid.rl.source import RolloutSource, left_pad, rollout_columns
 from sid.step import init_state, make_train_step
 
 
@@ -29,22 +29,58 @@ def trie():
     return _catalog((4, 3, 3), 22, seed=1)
 
 
-def test_group_rows_layout(trie):
-    _, ids, mask = _prompts(2, seed=2)
-    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1]])
-    rows = group_rows(trie, ids, mask, leaves)
-    width = ids.shape[1] + 4 * 4  # the prompt once, then each completion's first T - 1 = 4 tokens
-    assert rows["input_ids"].shape == rows["segment_ids"].shape == (2, width)
-    assert rows["completions"].shape == rows["completion_mask"].shape == (2, 4, 5) and rows["completion_mask"].all()
-    for p in range(2):
-        np.testing.assert_array_equal(rows["input_ids"][p, : ids.shape[1]], ids[p])
-        np.testing.assert_array_equal(rows["segment_ids"][p, : ids.shape[1]], np.where(mask[p], SHARED_SEGMENT, 0))
+def test_plan_rows_by_hand():
+    lengths = np.array([5, 3, 4, 2, 6])
+    # First-fit-decreasing needs 3 rows of 8 ([6, 2], [5, 3], [4]); with a multiple of 2, 4 rows, and the groups,
+    # longest first, go to the fitting row with the fewest groups: 6, 5, 4 and 3 one to a row, then 2 beside the 6.
+    plan = plan_rows(lengths, 8, pack=True, multiple=2)
+    np.testing.assert_array_equal(plan.row, [1, 3, 2, 0, 0])
+    np.testing.assert_array_equal(plan.slot, [0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(plan.start, [0, 0, 0, 6, 0])
+    assert (plan.num_rows, plan.slots) == (4, 2)
+    np.testing.assert_array_equal(plan.place(np.arange(1, 6)), [[5, 4], [1, 0], [3, 0], [2, 0]])
+    # With 3 rows: 3 fits beside 5 (fuller than 4's row) and 2 beside 6, as first-fit-decreasing puts them.
+    plan = plan_rows(lengths, 8, pack=True, multiple=1)
+    assert plan.row.tolist() == [1, 1, 2, 0, 0] and plan.start.tolist() == [0, 5, 0, 6, 0] and plan.num_rows == 3
+    # Evening the counts can need a row more: first fit fills two rows of 10 with [5, 5] and [4, 3, 3]; by count
+    # the 5s take a row each, 4 joins the first (9) and 3 the second (8), and the last 3 needs a third row.
+    plan = plan_rows(np.array([5, 5, 4, 3, 3]), 10, pack=True, multiple=1)
+    assert plan.row.tolist() == [0, 1, 0, 1, 2] and (plan.num_rows, plan.slots) == (3, 2)
+    alone = plan_rows(lengths, 8, pack=False, multiple=2)
+    np.testing.assert_array_equal(alone.row, np.arange(5))
+    assert (alone.num_rows, alone.slots) == (6, 1) and not alone.start.any() and not alone.slot.any()
+    with pytest.raises(ValueError, match="a group of 9 tokens does not fit a row of 8"):
+        plan_rows(np.array([3, 9]), 8, pack=True, multiple=1)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_group_rows_layout(trie, pack):
+    """Each prompt's tokens in its slot's shared prefix, positions from 0; each completion's fed tokens in a member
+    segment, positions after the prompt's; token_index at the columns that predict each completion token."""
+    prompts, _, _ = _prompts(3, seed=2)
+    ids, mask = left_pad(prompts, 40, EOS)
+    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1], [4, 4, 9, 0]])
+    rows, plan = group_rows(trie, ids, mask, leaves, pack=pack, multiple=2)
+    width = 40 + 4 * 4  # the longest prompt, then each completion's first T - 1 = 4 tokens
+    assert rows["input_ids"].shape == rows["segment_ids"].shape == rows["positions"].shape == (plan.num_rows, width)
+    assert rows["completions"].shape == rows["token_index"].shape == (plan.num_rows, plan.slots, 4, 5)
+    assert plan.num_rows % 2 == 0 and (plan.num_rows < 3) == pack
+    np.testing.assert_array_equal(rows["completion_mask"].all(axis=(2, 3)), plan.place(np.ones(3, bool)))
+    for p, prompt in enumerate(prompts):
+        r, j = plan.row[p], plan.slot[p]
+        prefix, members = prefix_segments(int(j), 4)
+        ids_r, seg_r, pos_r = (rows[k][r] for k in ("input_ids", "segment_ids", "positions"))
+        np.testing.assert_array_equal(ids_r[seg_r == prefix], prompt)
+        np.testing.assert_array_equal(pos_r[seg_r == prefix], np.arange(len(prompt)))
         for g in range(4):
             completion = np.concatenate([trie.paths[leaves[p, g]], [NEWLINE, EOS]])
-            np.testing.assert_array_equal(rows["completions"][p, g], completion)
-            fed = slice(ids.shape[1] + 4 * g, ids.shape[1] + 4 * (g + 1))
-            np.testing.assert_array_equal(rows["input_ids"][p, fed], completion[:-1])
-            np.testing.assert_array_equal(rows["segment_ids"][p, fed], g + 1)
+            np.testing.assert_array_equal(rows["completions"][r, j, g], completion)
+            fed = np.flatnonzero(seg_r == members[g])
+            np.testing.assert_array_equal(ids_r[fed], completion[:-1])
+            np.testing.assert_array_equal(pos_r[fed], len(prompt) + np.arange(4))
+            last_prompt_column = np.flatnonzero(seg_r == prefix)[-1]
+            np.testing.assert_array_equal(rows["token_index"][r, j, g], np.concatenate([[last_prompt_column], fed]))
+    assert (rows["segment_ids"] != 0).sum() == mask.sum() + 3 * 4 * 4  # every token once, nothing else
     assert rows["input_ids"].dtype == rows["segment_ids"].dtype == rows["completions"].dtype == np.int32
 
 
@@ -62,6 +98,8 @@ def test_score_groups_by_hand(trie):
 
 def test_bad_input(trie):
     _, ids, mask = _prompts(2, seed=2)
+    with pytest.raises(ValueError, match="prompt 1 has no tokens"):
+        group_rows(trie, ids, mask * np.array([[True], [False]]), np.zeros((2, 2), int))
     with pytest.raises(ValueError, match="-1 marks beams the catalog could not fill"):
         group_rows(trie, ids, mask, np.array([[0, 1, -1], [0, 1, 2]]))
     with pytest.raises(ValueError, match="leaves must be \\[prompts, group\\]"):
@@ -80,11 +118,11 @@ def test_one_grpo_step_through_the_train_step(trie):
     leaves = np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 4))
     targets = [trie.sids[leaves[0, 0]], trie.sids[leaves[1, 3]], trie.sids[(leaves[2, 0] + 1) % 22], trie.sids[0]]
     _, adv, _ = score_groups(trie, leaves, targets, get_reward("ranking"))
-    rows = group_rows(trie, ids, mask, leaves)
-    num_tokens = rows["completions"].shape[2]
-    logprobs = eqx.filter_jit(lambda m, r: completion_logprobs(m, r["input_ids"], r["segment_ids"], r["completions"]))
+    rows, plan = group_rows(trie, ids, mask, leaves, multiple=4)  # 2 data shards x 2 micro-batches
+    num_tokens = rows["completions"].shape[3]
+    logprobs = eqx.filter_jit(completion_logprobs)
     ref = np.asarray(logprobs(model, rows))
-    batch = {**rows, "advantages": adv, "ref_logp": ref}
+    batch = {**rows, "advantages": plan.place(adv), "ref_logp": ref}
 
     mesh = make_mesh(MeshConfig(dp=2), jax.devices()[:2])
     opt = optax.sgd(1e-2)
@@ -99,7 +137,7 @@ def test_one_grpo_step_through_the_train_step(trie):
     assert float(metrics["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
     assert float(metrics["ratio_sum"]) == pytest.approx(float(metrics["ratio_units"]), rel=1e-6)
     after = np.asarray(logprobs(eqx.combine(state.params, static), rows))
-    gain = adv * (after - ref).mean(axis=2)
+    gain = plan.place(adv) * (after - ref).mean(axis=-1)
     assert np.abs(after - ref).max() > 1e-4 and gain.sum() > 0
 
 
@@ -154,21 +192,22 @@ def test_add_gt_puts_the_target_last_and_target_leaves_name_a_missing_sid(trie):
 
 
 def test_reference_logprobs_run_in_the_updates_micro_batches(trie):
-    """The reference pass over 4 prompts in 2 micro-batches of 2 (on a 2-device mesh) gives the whole batch's
-    log-probs, each prompt's in its own place."""
+    """The reference pass over 4 rows in 2 micro-batches of 2 (on a 2-device mesh) gives the whole batch's
+    log-probs, each row's in its own place."""
     model = _model(seed=2)
     _, ids, mask = _prompts(4, seed=6)
-    rows = group_rows(trie, ids, mask, np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 3)))
-    whole = eqx.filter_jit(completion_logprobs)(model, rows["input_ids"], rows["segment_ids"], rows["completions"])
+    leaves = np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 3))
+    rows, _ = group_rows(trie, ids, mask, leaves, pack=False)
+    whole = eqx.filter_jit(completion_logprobs)(model, rows)
     source = RolloutSource.__new__(RolloutSource)  # only the reference pass: no trie, prompts or policy
     seen = []
 
-    def ref_logprobs(reference, input_ids, segment_ids, completions):
-        seen.append(input_ids.shape[0])
-        return eqx.filter_jit(completion_logprobs)(reference, input_ids, segment_ids, completions)
+    def ref_logprobs(reference, part):
+        seen.append(part["input_ids"].shape[0])
+        return eqx.filter_jit(completion_logprobs)(reference, part)
 
     source.micro_batches, source.ref_logprobs = 2, ref_logprobs
     source.sharding = batch_sharding(make_mesh(MeshConfig(dp=2), jax.devices()[:2]))
     out = source._reference_logprobs(model, rows)
-    assert seen == [2, 2] and out.shape == (4, 3, rows["completions"].shape[2])
+    assert seen == [2, 2] and out.shape == rows["completions"].shape == (4, 1, 3, 5)
     np.testing.assert_allclose(out, np.asarray(whole), rtol=1e-5, atol=1e-6)

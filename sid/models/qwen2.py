@@ -54,7 +54,21 @@ from sid.parallel.rules import PartitionRules
 from sid.parallel.trace import constrain_batch
 
 SHARED_SEGMENT = -1
-"""Segment id of keys visible to every query segment (the prompt's KV during decoding)."""
+"""Segment id of keys visible to every query segment below `SEGMENTS_PER_PREFIX` (the prompt's KV during decoding,
+a rollout's prompt before its completions)."""
+
+SEGMENTS_PER_PREFIX = 1 << 16
+"""A row may hold several shared prefixes: prefix j (0, 1, ...) is segment -(j + 1), and it is visible to the
+query segments j * SEGMENTS_PER_PREFIX + 1 ... (j + 1) * SEGMENTS_PER_PREFIX - 1, its members (the RL stage's
+packed rows: each prompt with its own completions, `sid.rl.rollout.group_rows`). Prefix 0 is `SHARED_SEGMENT`."""
+
+
+def prefix_segments(prefix: int, members: int) -> tuple[int, range]:
+    """(the segment id of shared prefix `prefix`, its `members` segment ids) for `attention_mask`."""
+    if not 0 < members < SEGMENTS_PER_PREFIX:
+        raise ValueError(f"a shared prefix has 1 to {SEGMENTS_PER_PREFIX - 1} member segments, not {members}")
+    first = prefix * SEGMENTS_PER_PREFIX + 1
+    return -(prefix + 1), range(first, first + members)
 
 
 def attention_mask(
@@ -63,8 +77,9 @@ def attention_mask(
     k_segment: Int[Array, "batch k"],
     k_index: Int[Array, "batch k"],
 ) -> Bool[Array, "batch 1 q k"]:
-    """Which keys each query may attend to: a key is visible iff it is in the query's segment or in
-    SHARED_SEGMENT, and its order index is <= the query's (causal).
+    """Which keys each query may attend to: a key is visible iff it is in the query's segment or in the shared
+    prefix of the query's segment (`SEGMENTS_PER_PREFIX`: SHARED_SEGMENT for segments 1 ... 65535), and its order
+    index is <= the query's (causal).
 
     Segment 0 is padding: its keys are visible only to padding queries, whose outputs are never used. Letting
     them see each other (rather than nothing) means no query row is fully masked, so no backend can produce a
@@ -72,7 +87,9 @@ def attention_mask(
     """
     qs, qi = q_segment[:, :, None], q_index[:, :, None]
     ks, ki = k_segment[:, None, :], k_index[:, None, :]
-    return (((ks == qs) | (ks == SHARED_SEGMENT)) & (ki <= qi))[:, None]
+    # A prefix query (qs < 0) gets 0 here, which no prefix key (ks < 0) equals: prefixes see only themselves.
+    shared = (ks < 0) & (ks == -1 - qs // SEGMENTS_PER_PREFIX)
+    return (((ks == qs) | shared) & (ki <= qi))[:, None]
 
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)

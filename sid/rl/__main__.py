@@ -28,6 +28,7 @@ from sid.parallel.mesh import data_parallel_size
 from sid.rl.loss import make_loss_fn, rl_step_stats
 from sid.rl.prompts import rl_prompts
 from sid.rl.rewards import REWARDS
+from sid.rl.rollout import row_width
 from sid.rl.source import RolloutSource
 from sid.stage import hand_on, stage_main, start_run
 from sid.trainer import fit, make_optimizer
@@ -118,12 +119,12 @@ def run_rl(job: RLJob) -> dict:
         rl={"prompts": {name: len(p) for name, p in sets.items()}},
     )
     optimizer, lr = make_optimizer(job.optimizer, job.train, steps, model)
-    grouped_length = length + job.rl.group_size * (trie.tables.num_steps - 1)  # a row of `group_rows`
+    width = row_width(length, job.rl.group_size, trie.tables.num_steps)
     try:
         model, train = fit(
             model=model, loss_fn=make_loss_fn(beta=job.rl.beta, kind=job.rl.loss), optimizer=optimizer,
             lr_schedule=lr, batches=source, total_steps=steps, cfg=job.train, mesh=mesh, run=run, tracker=tracker,
-            flops=train_flops(model, grouped_length), step_stats=rl_step_stats,
+            flops=train_flops(model, width), step_stats=rl_step_stats,
             bar_stats=("rollout/reward_mean", "kl"),
             evaluators=sft_evaluators(job, tok, mesh, run.path, sft_loss),
         )  # fmt: skip

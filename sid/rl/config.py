@@ -12,7 +12,7 @@ PROMPT_TASKS = ("next_sid", "title2sid", "description2sid", "title_history")
 @dataclass(frozen=True)
 class RLConfig:
     """GRPO after SFT (MiniOneRec's recipe; docs/rl.md). One optimizer step = one rollout of `prompts_per_step`
-    train prompts x `group_size` completions, i.e. prompts_per_step x group_size rows."""
+    train prompts x `group_size` completions, i.e. prompts_per_step x group_size completions."""
 
     init: str = ""
     """Where the policy starts: an SFT run directory (its `model/` HF export, the best model when that run selected
@@ -43,6 +43,10 @@ class RLConfig:
     """Weight of the k3 KL penalty against the reference model."""
     prompts_per_step: int = 64
     """Train prompts rolled out per optimizer step (must divide over the mesh's data axes)."""
+    pack: bool = True
+    """Pack several prompts, each with its completions, into a row where they fit (rows as wide as the longest
+    prompt bucket with its completions), so the reference pass and the update run little padding; the same
+    log-probs as one prompt per row (False), up to float rounding."""
     ref_sync_every: int = 0
     """Update the reference model every N steps (0: the reference stays the starting model)."""
     ref_sync_alpha: float = 1.0

@@ -23,6 +23,8 @@ sum / count, and summing both over micro-batches keeps each reduction exact unde
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -109,65 +111,52 @@ def grpo_loss(
     return loss_sum, count, stats | dict(ratio_sum=ratio_sum, ratio_units=ratio_units, clipped=clipped)
 
 
-def group_positions(segment_ids: Int[Array, "prompts length"], prompt: int, group: int) -> Int[Array, "prompts length"]:
-    """Position ids of `sid.rl.rollout.group_rows`' grouped rows, the left-padded prompt in the first `prompt`
-    columns and `group` completions after it: the prompt's tokens count from 0 past the padding, and every
-    completion continues from the prompt's length (each completion is its own sequence)."""
-    in_prompt = segment_ids[:, :prompt] != 0
-    prompt_positions = jnp.maximum(jnp.cumsum(in_prompt, axis=1, dtype=jnp.int32) - 1, 0)
-    fed = (segment_ids.shape[1] - prompt) // group  # each completion's tokens in the row
-    offsets = jnp.tile(jnp.arange(fed, dtype=jnp.int32), group)
-    completion_positions = in_prompt.sum(axis=1, dtype=jnp.int32)[:, None] + offsets[None]
-    return jnp.concatenate([prompt_positions, completion_positions], axis=1)
+ROW_KEYS = ("input_ids", "positions", "segment_ids", "token_index", "completions")
+"""The batch arrays `completion_logprobs` reads (`sid.rl.rollout.group_rows`)."""
 
 
-def completion_logprobs(
-    model: Qwen2,
-    input_ids: Int[Array, "prompts length"],
-    segment_ids: Int[Array, "prompts length"],
-    completions: Int[Array, "prompts group tokens"],
-) -> Float[Array, "prompts group tokens"]:
+def completion_logprobs(model: Qwen2, rows: Mapping[str, Array]) -> Float[Array, "rows slots group tokens"]:
     """float32 log-probs (log-softmax over the valid vocab, temperature 1, as upstream's loss) of each completion's
-    tokens given its prompt, for G completions per prompt.
+    tokens given its prompt, for the groups packed in `rows` (`sid.rl.rollout.group_rows`).
 
-    Rows are grouped (`sid.rl.rollout.group_rows`): ``[left-padded prompt | completion 1 | ... | completion G]``,
-    each completion without its last token (nothing is predicted from it). The prompt is in
-    `sid.models.qwen2.SHARED_SEGMENT` and completion g in segment g, so one causal forward runs each prompt once
-    and every completion attends to the prompt and to its own earlier tokens only: the log-probs of G separate
-    ``[prompt | completion]`` rows, for 1/G of their prompt tokens. The prompt's last hidden state predicts every
-    completion's first token.
+    A row holds groups ``[prompt | completion 1 | ... | completion G]``, each completion without its last token.
+    Each prompt is a shared prefix whose members are its completions (`sid.models.qwen2.prefix_segments`), so one
+    causal forward runs each prompt once and every completion attends to its prompt and to its own earlier tokens
+    only: the log-probs of G separate ``[prompt | completion]`` rows, for 1/G of their prompt tokens. Each
+    completion token's logits come from the hidden state at its ``token_index`` column (the prompt's last for the
+    first token), gathered within the row, so sharding the rows over the mesh splits the gather too.
     """
-    num_prompts, group, num_tokens = completions.shape
-    prompt = input_ids.shape[1] - group * (num_tokens - 1)
-    hidden = model(input_ids, group_positions(segment_ids, prompt, group), segment_ids)
-    first = jnp.broadcast_to(hidden[:, prompt - 1, None, None], (num_prompts, group, 1, hidden.shape[-1]))
-    rest = hidden[:, prompt:].reshape(num_prompts, group, num_tokens - 1, hidden.shape[-1])
-    logits = model.logits(jnp.concatenate([first, rest], axis=2))
+    completions = rows["completions"]  # [rows, slots, G, T]
+    hidden = model(rows["input_ids"], rows["positions"], rows["segment_ids"])
+    index = rows["token_index"].reshape(hidden.shape[0], -1)
+    picked = jax.vmap(lambda h, i: h[i])(hidden, index).reshape(*completions.shape, hidden.shape[-1])
+    logits = model.logits(picked)
     # The token's logit by a masked sum, not a gather: under a mesh the logits are split over the vocab (as in
     # sid.loss); and no [..., vocab] log-softmax is materialised beside the logits.
-    is_token = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 3) == completions[..., None]
-    picked = jnp.where(is_token, logits, 0.0).sum(axis=-1)
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    is_token = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == completions[..., None]
+    picked_logits = jnp.where(is_token, logits, 0.0).sum(axis=-1)
+    return picked_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
 def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = None):
     """`grpo_loss` of the policy as a `sid.step.LossFn` ``(model, batch, key) -> (loss sum, count, stats)``.
 
-    The batch holds `sid.rl.rollout.group_rows`' grouped ``input_ids`` and ``segment_ids`` [prompts, length],
-    ``completions`` and ``completion_mask`` [prompts, G, T], plus ``advantages`` [prompts, G] and the reference
-    model's ``ref_logp`` [prompts, G, T] (computed once per rollout with `completion_logprobs`), and optionally the
-    rollout policy's ``old_logp`` [prompts, G, T]. Per-completion ``rollout/<name>`` columns [prompts, G] (the
-    rollout's figures, `sid.rl.source`) are summed over the completions with a token into the stats as
-    ``rollout/<name>_sum``."""
+    The batch holds `sid.rl.rollout.group_rows`' rows (``input_ids``, ``positions``, ``segment_ids`` [rows,
+    width]; ``completions``, ``completion_mask``, ``token_index`` [rows, slots, G, T]), plus, laid out by the
+    same plan, ``advantages`` [rows, slots, G] and the reference model's ``ref_logp`` [rows, slots, G, T]
+    (computed once per rollout with `completion_logprobs`), and optionally the rollout policy's ``old_logp``.
+    Per-completion ``rollout/<name>`` columns [rows, slots, G] (the rollout's figures, `sid.rl.source`) are
+    summed over the completions with a token into the stats as ``rollout/<name>_sum``. Empty slots and rows
+    have no completion token and count for nothing."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
 
-    def per_completion(x: Array) -> Array:  # [prompts, G, ...] -> [prompts * G, ...], the loss's rows
-        return x.reshape(-1, *x.shape[2:])
+    def per_completion(x: Array) -> Array:  # [rows, slots, G, ...] -> [rows * slots * G, ...], the loss's rows
+        return x.reshape(-1, *x.shape[3:])
 
     def loss_fn(model: Qwen2, batch: dict[str, Array], key: Array):
         del key  # nothing random in the loss (no dropout)
-        logp = completion_logprobs(model, batch["input_ids"], batch["segment_ids"], batch["completions"])
+        logp = completion_logprobs(model, batch)
         old_logp = batch.get("old_logp")
         mask = per_completion(batch["completion_mask"])
         loss_sum, count, stats = grpo_loss(

@@ -2,19 +2,20 @@
 reads (`sid.rl.loss.make_loss_fn`).
 
 A rollout is the trie leaves [prompts, G] that `sid.eval.beam.beam_search` (group = beams, best first) or
-`sid.eval.sampling.constrained_sample` (draw order) returns for a batch of left-padded prompts. The batch keeps
-one row per prompt, its G completions beside it (`group_rows`), so the loss runs each prompt once. Ranks are the
-position in the group, as upstream's.
+`sid.eval.sampling.constrained_sample` (draw order) returns for a batch of left-padded prompts. The batch puts
+each prompt's G completions beside it, so the loss runs each prompt once, and packs several such groups into a row
+where they fit (`group_rows`), so it runs little padding. Ranks are the position in the group, as upstream's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from sid.eval.trie import SidTrie
-from sid.models.qwen2 import SHARED_SEGMENT
+from sid.models.qwen2 import prefix_segments
 from sid.rl.advantages import group_advantages, zero_advantage_fraction
 from sid.rl.rewards import RewardFn
 
@@ -31,15 +32,92 @@ def _checked_leaves(trie: SidTrie, leaves: np.ndarray) -> np.ndarray:
     return leaves
 
 
-def group_rows(
-    trie: SidTrie, prompt_ids: np.ndarray, prompt_mask: np.ndarray, leaves: np.ndarray
-) -> dict[str, np.ndarray]:
-    """The batch of a rollout, one row per prompt (`sid.rl.loss.completion_logprobs` reads it):
+def row_width(prompt_length: int, group: int, completion_tokens: int) -> int:
+    """Columns of a `group_rows` row: the longest prompt and its group's completions, each without its last token
+    (nothing is predicted from it)."""
+    return prompt_length + group * (completion_tokens - 1)
 
-    - ``completions`` [P, G, T]: each completion's tokens, its SID and the trie's end tokens (T in all), and
-      ``completion_mask`` [P, G, T] (all True: every trie completion has exactly T tokens);
-    - ``input_ids`` and ``segment_ids`` [P, prompt + G * (T - 1)]: the left-padded prompt once (segment 0 on the
-      pads, `SHARED_SEGMENT` on its tokens), then each completion's first T - 1 tokens in segment g = 1..G.
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Where each group of a rollout lies in the batch's rows: row `row[p]`, slot `slot[p]` of that row (the
+    slot-th group in it), from column `start[p]`; `num_rows` rows of up to `slots` groups."""
+
+    row: np.ndarray
+    slot: np.ndarray
+    start: np.ndarray
+    num_rows: int
+    slots: int
+
+    def place(self, x: np.ndarray) -> np.ndarray:
+        """Per-group values [P, ...] laid out as the batch's [rows, slots, ...], zeros in the empty slots."""
+        out = np.zeros((self.num_rows, self.slots, *x.shape[1:]), x.dtype)
+        out[self.row, self.slot] = x
+        return out
+
+
+def plan_rows(lengths: np.ndarray, width: int, *, pack: bool, multiple: int) -> RowPlan:
+    """Groups of `lengths` tokens into rows of `width`, the row count rounded up to a multiple of `multiple` (the
+    mesh's data shards x micro-batches, so every micro-batch of every shard has whole rows) with empty rows.
+
+    Unpacked: one group per row. Packed: as many rows as first-fit-decreasing needs (rounded up), then each group,
+    longest first, into the row it fits with the fewest groups (then the fullest, then the first): the batch's
+    slots per row is the most groups in a row, and every slot computes logits, so evening the counts saves them.
+    A function of the lengths alone (ties go by position)."""
+    lengths = np.asarray(lengths)
+    if lengths.size and lengths.max() > width:
+        raise ValueError(f"a group of {lengths.max()} tokens does not fit a row of {width}")
+    zeros = np.zeros(len(lengths), np.int64)
+    if not pack:
+        return RowPlan(np.arange(len(lengths)), zeros, zeros.copy(), _round_up(len(lengths), multiple), 1)
+    order = np.argsort(-lengths, kind="stable")
+    filled = [0] * _round_up(_first_fit_rows(lengths[order], width), multiple)
+    counts = [0] * len(filled)
+    row, slot, start = zeros, zeros.copy(), zeros.copy()
+    for p in order:
+        fits = [r for r, f in enumerate(filled) if f + lengths[p] <= width]
+        if not fits:  # evening the counts can need a row more than first-fit did
+            filled.append(0)
+            counts.append(0)
+            fits = [len(filled) - 1]
+        r = min(fits, key=lambda r: (counts[r], -filled[r], r))
+        row[p], slot[p], start[p] = r, counts[r], filled[r]
+        filled[r] += lengths[p]
+        counts[r] += 1
+    return RowPlan(row, slot, start, _round_up(len(filled), multiple), max(counts, default=1))
+
+
+def _first_fit_rows(lengths: np.ndarray, width: int) -> int:
+    """Rows first-fit needs for `lengths` in this order (each fits a row)."""
+    filled: list[int] = []
+    for n in lengths:
+        r = next((r for r, f in enumerate(filled) if f + n <= width), len(filled))
+        if r == len(filled):
+            filled.append(0)
+        filled[r] += n
+    return len(filled)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-max(n, 1) // multiple) * multiple
+
+
+def group_rows(
+    trie: SidTrie, prompt_ids: np.ndarray, prompt_mask: np.ndarray, leaves: np.ndarray, *, pack: bool = True,
+    multiple: int = 1,
+) -> tuple[dict[str, np.ndarray], RowPlan]:  # fmt: skip
+    """The batch of a rollout (`sid.rl.loss.completion_logprobs` reads it) and where each group went.
+
+    A group is a prompt (its real tokens: `prompt_mask` True) then each of its G completions without its last
+    token; groups are packed into rows of `row_width` columns (`plan_rows`). The arrays:
+
+    - ``input_ids``, ``positions``, ``segment_ids`` [rows, width]: the group in slot j of a row has its prompt in
+      shared prefix j and completion g in that prefix's member segment g (`sid.models.qwen2.prefix_segments`), so
+      each completion attends to its prompt and its own earlier tokens only; positions count from 0 at the prompt
+      and every completion continues from the prompt's length; padding is segment 0;
+    - ``completions`` [rows, slots, G, T]: each completion's tokens, its SID and the trie's end tokens;
+      ``completion_mask`` (True on the groups' slots); ``token_index``: the column whose hidden state predicts the
+      token (the prompt's last for every completion's first token).
     """
     leaves = _checked_leaves(trie, leaves)
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask, bool)
@@ -49,18 +127,29 @@ def group_rows(
             "share the number of prompts (and ids and mask their shape)"
         )
     (num_prompts, group), end_ids = leaves.shape, np.asarray(trie.tables.codes)[trie.depth :, 0]
-    sids = trie.paths[leaves]
-    completions = np.concatenate([sids, np.broadcast_to(end_ids, (num_prompts, group, end_ids.size))], axis=2)
-    fed = completions[:, :, :-1].reshape(num_prompts, -1)  # a completion's last token predicts nothing
-    fed_segments = np.repeat(np.arange(1, group + 1), completions.shape[2] - 1)
-    return {
-        "input_ids": np.concatenate([prompt_ids, fed], axis=1).astype(np.int32),
-        "segment_ids": np.concatenate(
-            [np.where(prompt_mask, SHARED_SEGMENT, 0), np.broadcast_to(fed_segments, fed.shape)], axis=1
-        ).astype(np.int32),
-        "completions": completions.astype(np.int32),
-        "completion_mask": np.ones(completions.shape, bool),
-    }
+    completions = np.concatenate(
+        [trie.paths[leaves], np.broadcast_to(end_ids, (num_prompts, group, end_ids.size))], axis=2
+    ).astype(np.int32)
+    fed = completions.shape[2] - 1
+    width = row_width(prompt_ids.shape[1], group, completions.shape[2])
+    lengths = prompt_mask.sum(axis=1)
+    if not lengths.all():
+        raise ValueError(f"prompt {int(np.argmin(lengths))} has no tokens (prompt_mask all False)")
+    plan = plan_rows(lengths + group * fed, width, pack=pack, multiple=multiple)
+    rows = {k: np.zeros((plan.num_rows, width), np.int32) for k in ("input_ids", "positions", "segment_ids")}
+    index = np.zeros((num_prompts, group, fed + 1), np.int32)
+    for p in range(num_prompts):
+        r, n, begin = plan.row[p], lengths[p], plan.start[p]
+        prefix, members = prefix_segments(int(plan.slot[p]), group)
+        ids = np.concatenate([prompt_ids[p][prompt_mask[p]], completions[p, :, :-1].reshape(-1)])
+        span = slice(begin, begin + ids.size)
+        rows["input_ids"][r, span] = ids
+        rows["positions"][r, span] = np.concatenate([np.arange(n), np.tile(np.arange(n, n + fed), group)])
+        rows["segment_ids"][r, span] = np.concatenate([np.full(n, prefix), np.repeat(members, fed)])
+        after_prompt = begin + n + fed * np.arange(group)[:, None] + np.arange(fed)[None]  # completions' columns
+        index[p] = np.concatenate([np.full((group, 1), begin + n - 1), after_prompt], axis=1)
+    placed = {"completions": completions, "completion_mask": np.ones(completions.shape, bool), "token_index": index}
+    return rows | {k: plan.place(v) for k, v in placed.items()}, plan
 
 
 def score_groups(

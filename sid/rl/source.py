@@ -4,13 +4,14 @@ into a GRPO batch (a `sid.trainer.BatchIterator` with `attach`).
 Per step: the next `prompts_per_step` prompts of a seeded per-epoch order -> G completions each by the current
 policy (constrained beam search, or constrained sampling with a key from (seed, step), optionally with upstream's
 dynamic sampling; optionally the target put last, add_gt) -> rewards and group advantages
-(`sid.rl.rollout.score_groups`) -> one row per prompt with its G completions (`group_rows`) -> the reference model's
-(`sid.rl.reference`) log-probs of the completions, once per rollout -> host numpy arrays. The state is the number
-of prompts consumed, so a resumed run draws the same prompts and keys.
+(`sid.rl.rollout.score_groups`) -> each prompt with its G completions, packed into rows (`group_rows`) -> the
+reference model's (`sid.rl.reference`) log-probs of the completions, once per rollout -> host numpy arrays. The
+state is the number of prompts consumed, so a resumed run draws the same prompts and keys.
 
-The rollout's figures travel as per-completion `rollout/<name>` columns (a group's value on each of its G), which
-`sid.rl.loss.make_loss_fn` sums into the step's stats: they reach metrics.jsonl and W&B through the trainer's own
-logging, on the step they belong to, with no second writer of metrics.jsonl to keep consistent on resume.
+The rollout's figures travel as per-completion `rollout/<name>` columns (a group's value on each of its G, laid out
+like the rows' completions), which `sid.rl.loss.make_loss_fn` sums into the step's stats: they reach metrics.jsonl
+and W&B through the trainer's own logging, on the step they belong to, with no second writer of metrics.jsonl to
+keep consistent on resume.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from sid.eval.beam import sharded_beam_search
 from sid.eval.sampling import sharded_constrained_sample
 from sid.eval.trie import SidTrie
 from sid.parallel.host import global_array, to_host
-from sid.parallel.mesh import batch_sharding
+from sid.parallel.mesh import batch_sharding, data_parallel_size
 from sid.parallel.trace import traced_on
 from sid.rl.config import RLConfig
-from sid.rl.loss import completion_logprobs
+from sid.rl.loss import ROW_KEYS, completion_logprobs
 from sid.rl.reference import Reference
 from sid.rl.rewards import get_reward
 from sid.rl.rollout import dynamic_selection, group_rows, score_groups, target_leaves, with_target_last
@@ -58,6 +59,7 @@ class RolloutSource:
         self.trie, self.targets, self.cfg, self.mesh, self.seed = trie, np.asarray(targets), cfg, mesh, seed
         self.micro_batches = micro_batches  # the reference pass's, as the update's (train.grad_accum_steps)
         self.sharding = batch_sharding(mesh)
+        self.rows_multiple = data_parallel_size(mesh) * micro_batches  # whole rows for each shard's micro-batch
         self.target_leaves = target_leaves(trie, targets)
         self.ids, self.mask = left_pad(prompts, prompt_length, pad_id)
         self.reward = get_reward(cfg.reward)
@@ -107,17 +109,20 @@ class RolloutSource:
         idx = self._next_prompts()
         leaves = self._rollout(policy, idx, step)
         rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
-        rows = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves)
-        batch = {**rows, "advantages": advantages, "ref_logp": self._reference_logprobs(reference, rows)}
-        batch.update(rollout_columns(self.trie, leaves, self.targets[idx], rewards))
-        return process_rows(batch)
+        rows, plan = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves, pack=self.cfg.pack,
+                                multiple=self.rows_multiple)  # fmt: skip
+        batch = {**rows, "advantages": plan.place(advantages), "ref_logp": self._reference_logprobs(reference, rows)}
+        columns = rollout_columns(self.trie, leaves, self.targets[idx], rewards)
+        return process_rows(batch | {name: plan.place(column) for name, column in columns.items()})
 
     def _reference_logprobs(self, reference, rows: dict[str, np.ndarray]) -> np.ndarray:
-        """The reference model's log-probs of the grouped rows' completions [P, G, T], in the update's micro-batches
-        of prompts: the pass never holds more logits ([prompts, G, T, vocab]) than one update micro-batch does."""
-        keys = ("input_ids", "segment_ids", "completions")
-        parts = zip(*(np.split(rows[k], self.micro_batches) for k in keys), strict=True)
-        out = [self.ref_logprobs(reference, *(global_array(a, self.sharding) for a in part)) for part in parts]
+        """The reference model's log-probs of the rows' completions [rows, slots, G, T], in the update's micro-batches
+        of rows: the pass never holds more logits ([rows, slots, G, T, vocab]) than one update micro-batch does."""
+        split = {k: np.split(rows[k], self.micro_batches) for k in ROW_KEYS}
+        out = [
+            self.ref_logprobs(reference, {k: global_array(parts[i], self.sharding) for k, parts in split.items()})
+            for i in range(self.micro_batches)
+        ]
         return np.concatenate([np.asarray(to_host(logp)) for logp in out])
 
     def _rollout(self, policy, idx: np.ndarray, step: int) -> np.ndarray:
