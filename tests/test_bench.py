@@ -343,6 +343,7 @@ def test_rl_throughput(rl_result):
         assert math.isfinite(r["loss"]) and -1 <= r["reward_mean"] <= 1  # ranking: hit 1, rank penalties sum to -1
     assert ours["prompt_width"] == 128 and base["prompt_width"] <= 128  # sid pads to the eval bucket, HF to the longest
     assert base["invalid_completions"] == 0 and ours["devices"] == 2 and ours["xla_bytes"] > 0
+    assert ours["packed_rows"] == 4  # no two of these prompts with their completions fit one row (docs, section 8)
     assert record["baseline_over_sid_step_s"] == pytest.approx(base["step_s"] / ours["step_s"])
     # The same initial weights (--same-weights): torch's reference log-probs of sid's first rollout match sid's (f32).
     check = base["cross_check"]
