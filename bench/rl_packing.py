@@ -8,7 +8,8 @@ them). Rows are as wide as the longest prompt (512) and its group's completions,
 
 The model is a Qwen2 with a small vocab (--vocab): under Qwen's 151k vocab a CPU-sized trunk spends its step in the
 LM head, which packing does not shrink, while at 1.5B the trunk dominates (its matmul parameters are about 5.6x the
-head's; the default 4 layers x 256 with 2,048 tokens, about 7.5x). Per step and layout: the reference model's
+head's; the default 4 layers x 256 with 2,048 tokens, about 7.5x). On a GPU, --arch 1.5b --dtype bfloat16 --remat
+dots measures the real architecture under its own vocab. Per step and layout: the reference model's
 `completion_logprobs`, then `jax.value_and_grad` of `make_loss_fn`'s loss, both jitted, called once to compile
 (every row count is a shape) and then timed. Both layouts must give the same reference log-probs (checked).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import host_environment, markdown_table, write_json
+from common import arch_config, arch_vocab, host_environment, markdown_table, write_json
 
 PROMPT_LENGTH = 512
 """The preset's prompt bucket (TRL's max_prompt_length): longer prompts keep their last 512 tokens."""
@@ -50,13 +51,18 @@ def preset_prompt_lengths(root: str) -> tuple[np.ndarray, Any]:
 
 
 def build_model(args: argparse.Namespace):
+    """--arch's Qwen2 under its vocab (`bench.common.ARCHS`), else the --layers x --hidden trunk under --vocab."""
     import jax
 
     from sid.models.config import ModelConfig
     from sid.models.qwen2 import Qwen2
 
-    width = dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_heads=4, num_kv_heads=2)
-    cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.layers, compute_dtype=args.dtype, remat="none", **width)
+    numerics = dict(compute_dtype=args.dtype, remat=args.remat)
+    if args.arch:
+        cfg = arch_config(args.arch, vocab_size=args.vocab, **numerics)
+    else:
+        width = dict(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_heads=4, num_kv_heads=2)
+        cfg = ModelConfig(vocab_size=args.vocab, num_layers=args.layers, **width, **numerics)
     return Qwen2.init(cfg, key=jax.random.key(args.seed))
 
 
@@ -119,13 +125,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256, help="model width (FFN 4x, 4 heads, 2 KV heads)")
     p.add_argument("--vocab", type=int, default=2048, help="the model's vocab (token ids are taken modulo it)")
+    p.add_argument("--arch", default="", help="0.5b, 1.5b, small or tiny (bench/common.py) under its own vocab")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     p.add_argument("--data-root", default="", help="data root (default $SID_DATA_ROOT, else ../shared/data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="CPU smoke: 8 prompts x 4, 1 layer x 64, 1 step")
     args = p.parse_args(argv)
     if args.tiny:
         args.prompts, args.group, args.steps, args.layers, args.hidden, args.vocab = 8, 4, 1, 1, 64, 512
+    if args.arch:
+        args.vocab = arch_vocab(args.arch)
     return args
 
 
