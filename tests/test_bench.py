@@ -356,11 +356,12 @@ def test_rl_throughput(rl_result):
     assert proc.returncode == 0 and "--tiny" in proc.stdout and "--out" in proc.stdout, proc.stderr
 
 
-def test_rl_packing_tiny(tmp_path, shared_data):
-    """bench/rl_packing.py --tiny: the Industrial preset's prompt lengths packed into fewer rows than prompts, with
-    the same reference log-probs as one prompt per row."""
+@pytest.mark.parametrize("arch", [[], ["--arch", "tiny"]], ids=["trunk", "arch"])
+def test_rl_packing_tiny(tmp_path, shared_data, arch):
+    """bench/rl_packing.py --tiny (its own trunk, or a benchmarked architecture): the Industrial preset's prompt
+    lengths packed into fewer rows than prompts, with the same reference log-probs as one prompt per row."""
     out = tmp_path / "packing.json"
-    cmd = [sys.executable, "bench/rl_packing.py", "--tiny", "--out", str(out)]
+    cmd = [sys.executable, "bench/rl_packing.py", "--tiny", *arch, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=bench_env(shared_data), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
@@ -370,6 +371,7 @@ def test_rl_packing_tiny(tmp_path, shared_data):
     assert alone["row_tokens"] == 8 * (512 + 4 * 4)  # rows as wide as the bucket and a group's fed completions
     assert record["ref_logp_max_abs_diff"] < 1e-5 and record["speedup"] > 0
     assert all(s > 0 for side in (alone, packed) for s in side["seconds"]) and "packed / one per row" in proc.stdout
+    assert record["args"]["vocab"] == (1000 if arch else 512)  # --arch tiny's own vocab, else --tiny's trunk's
 
 
 def test_rl_baseline_loss_matches_sid(monkeypatch):
