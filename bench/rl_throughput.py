@@ -170,6 +170,7 @@ class SidStep:
         self.split.update(rollout_s=0.0, ref_logprobs_s=0.0)
         t0 = time.perf_counter()
         host = next(self.source)
+        self.packed_rows = int(host["input_ids"].shape[0])  # the same every step: the same prompts, so one compile
         batch = to_global(host, self.mesh)
         t1 = time.perf_counter()
         if self.compiled is None:  # the first step: also keep its rows for the baseline's cross-check
@@ -187,7 +188,6 @@ class SidStep:
             "update_s": t2 - t1,
             "step_s": t2 - t0,
             "rows": int(host["completion_mask"].any(axis=-1).sum()),  # completions, as the baseline's rows
-            "packed_rows": int(host["input_ids"].shape[0]),
             "completion_tokens": int(host["completions"].shape[-1]),
             "loss": float(metrics["loss"]),
             "reward_mean": stats["rollout/reward_mean"],
@@ -217,7 +217,15 @@ def measure_sid(spec: dict[str, Any]) -> dict[str, Any]:
     spec = dict(spec, dtype=resolve_dtype(spec["dtype"], jax.default_backend() != "cpu"))
     rl = SidStep(spec)
     out = run_steps(rl.step, spec)
-    return {**spec, **jax_environment(), **out, "prompt_width": rl.prompt_width, **jax_memory(rl.compiled)}
+    memory = jax_memory(rl.compiled)
+    return {
+        **spec,
+        **jax_environment(),
+        **out,
+        "prompt_width": rl.prompt_width,
+        "packed_rows": rl.packed_rows,
+        **memory,
+    }
 
 
 def resolve_dtype(dtype: str, accelerator: bool) -> str:
