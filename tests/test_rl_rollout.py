@@ -49,8 +49,9 @@ def test_plan_rows_by_hand():
     alone = plan_rows(lengths, 8, pack=False, multiple=2)
     np.testing.assert_array_equal(alone.row, np.arange(5))
     assert (alone.num_rows, alone.slots) == (6, 1) and not alone.start.any() and not alone.slot.any()
-    with pytest.raises(ValueError, match="a group of 9 tokens does not fit a row of 8"):
-        plan_rows(np.array([3, 9]), 8, pack=True, multiple=1)
+    for bad in ([3, 9], [0, 3]):
+        with pytest.raises(ValueError, match=f"groups of {min(bad)} to {max(bad)} tokens: each must fill 1 to 8"):
+            plan_rows(np.array(bad), 8, pack=True, multiple=1)
 
 
 @pytest.mark.parametrize("pack", [True, False])

@@ -64,38 +64,36 @@ def plan_rows(lengths: np.ndarray, width: int, *, pack: bool, multiple: int) -> 
     longest first, into the row it fits with the fewest groups (then the fullest, then the first): the batch's
     slots per row is the most groups in a row, and every slot computes logits, so evening the counts saves them.
     A function of the lengths alone (ties go by position)."""
-    lengths = np.asarray(lengths)
-    if lengths.size and lengths.max() > width:
-        raise ValueError(f"a group of {lengths.max()} tokens does not fit a row of {width}")
+    lengths = np.asarray(lengths, np.int64)
+    if lengths.size and (lengths.min() < 1 or lengths.max() > width):
+        raise ValueError(f"groups of {lengths.min()} to {lengths.max()} tokens: each must fill 1 to {width} (a row)")
     zeros = np.zeros(len(lengths), np.int64)
     if not pack:
         return RowPlan(np.arange(len(lengths)), zeros, zeros.copy(), _round_up(len(lengths), multiple), 1)
     order = np.argsort(-lengths, kind="stable")
-    filled = [0] * _round_up(_first_fit_rows(lengths[order], width), multiple)
-    counts = [0] * len(filled)
+    opened = _round_up(_first_fit_rows(lengths[order], width), multiple)
+    filled, counts = np.zeros(max(opened, len(lengths)), np.int64), np.zeros(max(opened, len(lengths)), np.int64)
     row, slot, start = zeros, zeros.copy(), zeros.copy()
     for p in order:
-        fits = [r for r, f in enumerate(filled) if f + lengths[p] <= width]
-        if not fits:  # evening the counts can need a row more than first-fit did
-            filled.append(0)
-            counts.append(0)
-            fits = [len(filled) - 1]
-        r = min(fits, key=lambda r: (counts[r], -filled[r], r))
+        fits = (filled + lengths[p] <= width) & (np.arange(len(filled)) < opened)
+        if not fits.any():  # evening the counts can need a row more than first-fit did
+            opened += 1
+            fits[opened - 1] = True
+        # the fewest groups, then the fullest, then the first
+        r = int(np.argmin(np.where(fits, counts * (width + 1) + width - filled, np.iinfo(np.int64).max)))
         row[p], slot[p], start[p] = r, counts[r], filled[r]
         filled[r] += lengths[p]
         counts[r] += 1
-    return RowPlan(row, slot, start, _round_up(len(filled), multiple), max(counts, default=1))
+    return RowPlan(row, slot, start, _round_up(opened, multiple), int(counts.max(initial=1)))
 
 
 def _first_fit_rows(lengths: np.ndarray, width: int) -> int:
-    """Rows first-fit needs for `lengths` in this order (each fits a row)."""
-    filled: list[int] = []
+    """Rows first-fit needs for `lengths` (each in [1, width]) in this order: each goes to the first row with room,
+    so the rows used are the first ones."""
+    filled = np.zeros(len(lengths), np.int64)
     for n in lengths:
-        r = next((r for r, f in enumerate(filled) if f + n <= width), len(filled))
-        if r == len(filled):
-            filled.append(0)
-        filled[r] += n
-    return len(filled)
+        filled[np.argmax(filled + n <= width)] += n
+    return int(np.count_nonzero(filled))
 
 
 def _round_up(n: int, multiple: int) -> int:
