@@ -374,6 +374,20 @@ def test_rl_packing_tiny(tmp_path, shared_data, arch):
     assert record["args"]["vocab"] == (1000 if arch else 512)  # --arch tiny's own vocab, else --tiny's trunk's
 
 
+def test_rl_rollout_chunks_tiny(tmp_path, shared_data):
+    """bench/rl_rollout_chunks.py --tiny: two length-sorted chunks of the preset's prompts run fewer padded prompt
+    tokens than one, with the same beams."""
+    out = tmp_path / "chunks.json"
+    cmd = [sys.executable, "bench/rl_rollout_chunks.py", "--tiny", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=bench_env(shared_data), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    one, chunked = record["one_chunk"], record["chunked"]
+    assert (one["chunks"], chunked["chunks"]) == (1, 2) and record["same_beams"] is True
+    assert one["prompt_tokens"] in (8 * 128, 8 * 256, 8 * 512) and chunked["prompt_tokens"] <= one["prompt_tokens"]
+    assert one["step_s"] > 0 and chunked["step_s"] > 0 and "2 chunks / 1" in proc.stdout
+
+
 def test_rl_baseline_loss_matches_sid(monkeypatch):
     """The baseline's GRPO loss (upstream's, in torch) has sid.rl.loss.grpo_loss's value and gradient."""
     import jax

@@ -172,13 +172,14 @@ def test_resume_after_sigterm_is_bitwise_equal_to_an_uninterrupted_run(
 
 
 def test_upstream_options_every_prompt_set_add_gt_and_dynamic_sampling(sft_run, tmp_path):
-    """All four prompt sets rolled out, sampled with dynamic sampling, the target put last in every group: every
-    group then holds the target, the summary counts each set's prompts."""
+    """All four prompt sets rolled out in two chunks by length, sampled with dynamic sampling, the target put last
+    in every group: every group then holds the target, the summary counts each set's prompts."""
     out = tmp_path / "rl"
     args = ("--rl.prompts", "next_sid", "title2sid", "description2sid", "title_history",
             "--rl.title-history-samples", "5",
             "--rl.rollout", "sample", "--rl.dynamic-sampling", "--rl.add-gt", "--rl.group-size", "4",
-            "--rl.reward", "rule", "--train.max-steps", "2", "--mesh.dp", "1", "--mesh.fsdp", "1")  # fmt: skip
+            "--rl.reward", "rule", "--rl.rollout-chunks", "2",
+            "--train.max-steps", "2", "--mesh.dp", "1", "--mesh.fsdp", "1")  # fmt: skip
     assert main(rl_args(sft_run, out, *args)) == 0
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["rl"]["prompts"] == {
@@ -205,8 +206,14 @@ def test_a_checkpoint_whose_vocab_lacks_the_catalogs_sid_tokens_fails_with_one_l
     assert "SID tokens" in err and "beyond the checkpoint's" in err and err.startswith("error: ")
 
 
-def test_prompts_that_do_not_split_into_micro_batches_fail_with_one_line(sft_run, tmp_path, capsys):
-    """A batch row is a prompt with its whole group, so the micro-batches split the prompts (8 into 3 cannot)."""
-    assert main(rl_args(sft_run, tmp_path / "out", "--train.grad-accum-steps", "3")) == 2
+@pytest.mark.parametrize(
+    ("flag", "named"),
+    [("--train.grad-accum-steps", "grad_accum_steps=3"), ("--rl.rollout-chunks", "rl.rollout_chunks=3")],
+)
+def test_prompts_that_do_not_split_into_micro_batches_or_chunks_fail_with_one_line(
+    sft_run, tmp_path, capsys, flag, named
+):
+    """Micro-batches and rollout chunks split the prompts (8 into 3 cannot)."""
+    assert main(rl_args(sft_run, tmp_path / "out", flag, "3")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and "rl.prompts_per_step=8" in err and "grad_accum_steps=3" in err
+    assert err.startswith("error: ") and "rl.prompts_per_step=8" in err and named in err

@@ -212,3 +212,28 @@ def test_reference_logprobs_run_in_the_updates_micro_batches(trie):
     out = source._reference_logprobs(model, rows)
     assert seen == [2, 2] and out.shape == rows["completions"].shape == (4, 1, 3, 5)
     np.testing.assert_allclose(out, np.asarray(whole), rtol=1e-5, atol=1e-6)
+
+
+def test_rollout_chunks_run_length_sorted_prompts_in_their_own_buckets(trie, tmp_path):
+    """Two chunks of two prompts on a 2-device mesh: the two shortest prompts padded to 4 tokens, the two longest to
+    16, and the same beams, each prompt's in its place, as all four at once padded to 16."""
+    model = _model(seed=2)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 10, size=n).tolist() for n in (3, 11, 2, 9)]
+    targets = [trie.sids[i] for i in (0, 5, 9, 13)]
+    mesh = make_mesh(MeshConfig(dp=2), jax.devices()[:2])
+
+    def source(chunks: int) -> RolloutSource:
+        cfg = RLConfig(group_size=3, prompts_per_step=4, rollout_chunks=chunks)
+        return RolloutSource(trie, prompts, targets, model, cfg, mesh, prompt_length=16, pad_id=EOS, seed=0,
+                             run_dir=tmp_path / str(chunks), buckets=(4, 16))  # fmt: skip
+
+    chunked, whole = source(2), source(1)
+    widths = []
+    beams = chunked.rollout
+    chunked.rollout = lambda m, t, ids, mask: (widths.append(ids.shape), beams(m, t, ids, mask))[1]
+    idx = np.arange(4)
+    got = chunked._rollout(model, idx, 0)
+    assert widths == [(2, 4), (2, 16)]  # prompts 2 and 0 (2 and 3 tokens), then 3 and 1 (9 and 11)
+    np.testing.assert_array_equal(got, whole._rollout(model, idx, 0))
+    assert got.shape == (4, 3) and len(np.unique(got[0])) == 3

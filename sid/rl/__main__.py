@@ -73,8 +73,11 @@ def check_rl(job: RLJob, mesh, num_leaves: int) -> None:
         raise ConfigError(f"rl.group_size={rl.group_size} must be in [2, {num_leaves}] (the catalog's SIDs)")
     if rl.prompts_per_step < 1 or rl.prompts_per_step % (dp * accum):
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a positive multiple of the {dp} data "
-                          f"shards of the mesh x train.grad_accum_steps={accum} (a batch row is a prompt with its "
-                          "group)")  # fmt: skip
+                          f"shards of the mesh x train.grad_accum_steps={accum} (so that one prompt per row splits "
+                          "evenly)")  # fmt: skip
+    if rl.rollout_chunks < 1 or rl.prompts_per_step % (dp * rl.rollout_chunks):
+        raise ConfigError(f"rl.rollout_chunks={rl.rollout_chunks} must be >= 1 and split rl.prompts_per_step="
+                          f"{rl.prompts_per_step} into chunks that divide over the {dp} data shards")  # fmt: skip
     if not rl.temperature > 0 or rl.beta < 0 or rl.ref_sync_every < 0 or rl.title_history_samples < 0:
         raise ConfigError(f"rl.temperature={rl.temperature} must be > 0, rl.beta={rl.beta}, rl.ref_sync_every="
                           f"{rl.ref_sync_every}, rl.title_history_samples={rl.title_history_samples} >= 0")  # fmt: skip
@@ -108,7 +111,7 @@ def run_rl(job: RLJob) -> dict:
     length = prompt_length(prompts, job.eval.prompt_buckets)
     source = RolloutSource(trie, prompts, [t for _, t in pairs], model, job.rl, mesh, prompt_length=length,
                            pad_id=tok.pad_id, seed=job.train.seed, run_dir=run.path,
-                           micro_batches=job.train.grad_accum_steps)  # fmt: skip
+                           micro_batches=job.train.grad_accum_steps, buckets=job.eval.prompt_buckets)  # fmt: skip
     steps = job.train.max_steps or math.ceil(job.train.epochs * len(pairs) / job.rl.prompts_per_step)
     log.info("rl: %d prompts (%s), %d per step x %d completions, %d steps", len(pairs),
              ", ".join(f"{name} {len(p)}" for name, p in sets.items()), job.rl.prompts_per_step, job.rl.group_size,

@@ -43,6 +43,11 @@ class RLConfig:
     """Weight of the k3 KL penalty against the reference model."""
     prompts_per_step: int = 64
     """Train prompts rolled out per optimizer step (must divide over the mesh's data axes)."""
+    rollout_chunks: int = 1
+    """Roll a step's prompts out in this many equal chunks, sorted by length, each left-padded to the smallest of
+    eval.prompt_buckets that holds its longest prompt (1: the whole step in one bucket). Prompts of very different
+    lengths (Industrial's four sets) then run fewer padding tokens; each chunk size and bucket compiles the rollout
+    once. prompts_per_step must be a multiple of the chunks x the mesh's data shards."""
     pack: bool = True
     """Pack several prompts, each with its completions, into a row where they fit (rows as wide as the longest
     prompt bucket with its completions), so the reference pass and the update run little padding; the same

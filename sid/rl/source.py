@@ -55,8 +55,11 @@ class RolloutSource:
     """GRPO batches from the live policy's own rollouts over the train prompts (see the module docstring)."""
 
     def __init__(self, trie: SidTrie, prompts: list[list[int]], targets: list[str], start, cfg: RLConfig, mesh,
-                 *, prompt_length: int, pad_id: int, seed: int, run_dir: Path, micro_batches: int = 1):  # fmt: skip
+                 *, prompt_length: int, pad_id: int, seed: int, run_dir: Path, micro_batches: int = 1,
+                 buckets: tuple[int, ...] = ()):  # fmt: skip
         self.trie, self.targets, self.cfg, self.mesh, self.seed = trie, np.asarray(targets), cfg, mesh, seed
+        # A rollout chunk is padded to the smallest of these that holds its prompts (never past prompt_length).
+        self.buckets = sorted({b for b in buckets if b < prompt_length} | {prompt_length})
         self.micro_batches = micro_batches  # the reference pass's, as the update's (train.grad_accum_steps)
         self.sharding = batch_sharding(mesh)
         self.rows_multiple = data_parallel_size(mesh) * micro_batches  # whole rows for each shard's micro-batch
@@ -127,19 +130,29 @@ class RolloutSource:
 
     def _rollout(self, policy, idx: np.ndarray, step: int) -> np.ndarray:
         """The policy's completions (trie leaves [prompts, G]) for the prompts `idx`: beams, or samples (keys from
-        (seed, step)); then dynamic sampling's selection and add_gt's target, when enabled."""
-        ids, mask = global_array(self.ids[idx], self.sharding), global_array(self.mask[idx], self.sharding)
-        if self.cfg.rollout == "beam":
-            out = self.rollout(policy, self.trie.tables, ids, mask)
-        else:
-            key = jax.random.fold_in(jax.random.key(self.seed), step)
-            out = self.rollout(policy, self.trie.tables, ids, mask, key)
-        leaves = np.asarray(to_host(out.leaves))
+        (seed, step, chunk)), in `rl.rollout_chunks` chunks of prompts sorted by length, each padded to its own
+        bucket; then dynamic sampling's selection and add_gt's target, when enabled."""
+        by_length = np.argsort(self.mask[idx].sum(axis=1), kind="stable")
+        chunks = np.split(by_length, self.cfg.rollout_chunks)
+        outs = [self._rollout_chunk(policy, idx[part], step, c) for c, part in enumerate(chunks)]  # all dispatched
+        leaves = np.zeros((len(idx), outs[0].leaves.shape[1]), np.int64)
+        for part, out in zip(chunks, outs, strict=True):
+            leaves[part] = np.asarray(to_host(out.leaves))
         if self.cfg.dynamic_sampling:
             leaves = dynamic_selection(leaves, self.target_leaves[idx], self.cfg.group_size)
         if self.cfg.add_gt:
             leaves = with_target_last(leaves, self.target_leaves[idx])
         return leaves
+
+    def _rollout_chunk(self, policy, idx: np.ndarray, step: int, chunk: int):
+        """The rollout program's output for the prompts `idx`, left-padded to the smallest bucket that holds them
+        (their last columns of the prompts' padding to prompt_length); dispatched, not read."""
+        width = next(b for b in self.buckets if b >= self.mask[idx].sum(axis=1).max())
+        ids, mask = (global_array(a[idx][:, -width:], self.sharding) for a in (self.ids, self.mask))
+        if self.cfg.rollout == "beam":
+            return self.rollout(policy, self.trie.tables, ids, mask)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), step), chunk)
+        return self.rollout(policy, self.trie.tables, ids, mask, key)
 
 
 def rollout_columns(trie: SidTrie, leaves: np.ndarray, targets: np.ndarray, rewards: np.ndarray) -> dict:
