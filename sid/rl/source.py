@@ -2,8 +2,9 @@
 into a GRPO batch (a `sid.trainer.BatchIterator` with `attach`).
 
 Per step: the next `prompts_per_step` prompts of a seeded per-epoch order -> G completions each by the current
-policy (constrained beam search, or constrained sampling with a key from (seed, step), optionally with upstream's
-dynamic sampling; optionally the target put last, add_gt) -> rewards and group advantages
+policy, in length-sorted chunks each padded to its own bucket (constrained beam search, or constrained sampling with
+a key from (seed, step, chunk), optionally with upstream's dynamic sampling; optionally the target put last,
+add_gt) -> rewards and group advantages
 (`sid.rl.rollout.score_groups`) -> each prompt with its G completions, packed into rows (`group_rows`) -> the
 reference model's (`sid.rl.reference`) log-probs of the completions, once per rollout -> host numpy arrays. The
 state is the number of prompts consumed, so a resumed run draws the same prompts and keys.
