@@ -87,6 +87,27 @@ def load_prompts(spec: dict[str, Any], limit: int):
     return tok, catalog, tok.encode_batch([p for p, _ in pairs]), [t for _, t in pairs]
 
 
+def preset_rl_prompts(root: str):
+    """(the MiniOneRec Industrial RL preset's prompts (configs/rl/industrial.yaml, all four sets), tokenized as
+    `python -m sid.rl` does; their target SIDs; the tokenizer; the catalog's trie). `root`: the data root, or ""."""
+    from sid.config import cli
+    from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
+    from sid.eval.runner import catalog_trie
+    from sid.jobs import RLJob
+    from sid.paths import data_root
+    from sid.rl.prompts import rl_prompts
+
+    root = str(data_root(root))
+    job = cli(RLJob, args=["--config", "configs/rl/industrial.yaml", "--data.data-root", root,
+                           "--tokenizer.path", str(Path(root) / "qwen2_tokenizer")])  # fmt: skip
+    run = Path(tempfile.mkdtemp())
+    rows, catalog, _ = load_train_split(job.data, run)
+    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run), job.data.data_root)
+    sets = rl_prompts(rows, catalog, job.tasks, job.rl, job.data.category_text, job.train.seed)
+    pairs = [pair for prompts in sets.values() for pair in prompts]
+    return tok.encode_batch([p for p, _ in pairs]), [t for _, t in pairs], tok, catalog_trie(tok, catalog)
+
+
 def end_ids(tok) -> tuple[int, int]:
     """The tokens every completion ends with: "\\n" then EOS (as sid.eval.runner)."""
     newline = tok.encode("\n")

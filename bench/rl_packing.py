@@ -18,36 +18,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import arch_config, arch_vocab, host_environment, markdown_table, write_json
+from common import (
+    arch_config,
+    arch_vocab,
+    host_environment,
+    jax_environment,
+    markdown_table,
+    preset_rl_prompts,
+    write_json,
+)
 
 PROMPT_LENGTH = 512
 """The preset's prompt bucket (TRL's max_prompt_length): longer prompts keep their last 512 tokens."""
-
-
-def preset_prompt_lengths(root: str) -> tuple[np.ndarray, Any]:
-    """(the token length of every prompt of the Industrial RL preset, the catalog's trie in the same tokenizer)."""
-    from sid.config import cli
-    from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
-    from sid.eval.runner import catalog_trie
-    from sid.jobs import RLJob
-    from sid.paths import data_root
-    from sid.rl.prompts import rl_prompts
-
-    root = str(data_root(root))
-    job = cli(RLJob, args=["--config", "configs/rl/industrial.yaml", "--data.data-root", root,
-                           "--tokenizer.path", str(Path(root) / "qwen2_tokenizer")])  # fmt: skip
-    run = Path(tempfile.mkdtemp())
-    rows, catalog, _ = load_train_split(job.data, run)
-    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run), job.data.data_root)
-    sets = rl_prompts(rows, catalog, job.tasks, job.rl, job.data.category_text, job.train.seed)
-    prompts = tok.encode_batch([prompt for pairs in sets.values() for prompt, _ in pairs])
-    return np.minimum([len(p) for p in prompts], PROMPT_LENGTH), catalog_trie(tok, catalog)
 
 
 def build_model(args: argparse.Namespace):
@@ -140,17 +127,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import jax
-
     args = parse_args(argv)
-    lengths, trie = preset_prompt_lengths(args.data_root)
+    prompts, _, _, trie = preset_rl_prompts(args.data_root)
+    lengths = np.minimum([len(p) for p in prompts], PROMPT_LENGTH)
     model, steps = build_model(args), step_batches(args, lengths, trie)
     sides = [measure(args, model, trie, steps, pack) for pack in (False, True)]
     diff = max(float(np.abs(a - b).max()) for a, b in zip(sides[0]["logprobs"], sides[1]["logprobs"], strict=True))
     for side in sides:
         del side["logprobs"]
     record = {"benchmark": "rl_packing", "args": {k: v for k, v in vars(args).items() if k != "out"},
-              **host_environment(), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
+              **host_environment(), **jax_environment(),
               "one_per_row": sides[0], "packed": sides[1],
               "speedup": sides[0]["step_s"] / sides[1]["step_s"], "ref_logp_max_abs_diff": diff}  # fmt: skip
     columns = {"pack": "packed", "rows": "rows per step", "slots": "rows x slots", "step_s": "s per step"}

@@ -19,29 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import arch_config, host_environment, markdown_table, write_json
+from common import arch_config, host_environment, jax_environment, markdown_table, preset_rl_prompts, write_json
 
 BUCKETS = (128, 256, 512)
-
-
-def preset_prompts(root: str):
-    """(the Industrial RL preset's prompts, tokenized; their target SIDs; the tokenizer; the catalog's trie)."""
-    from sid.config import cli
-    from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
-    from sid.eval.runner import catalog_trie
-    from sid.jobs import RLJob
-    from sid.paths import data_root
-    from sid.rl.prompts import rl_prompts
-
-    root = str(data_root(root))
-    job = cli(RLJob, args=["--config", "configs/rl/industrial.yaml", "--data.data-root", root,
-                           "--tokenizer.path", str(Path(root) / "qwen2_tokenizer")])  # fmt: skip
-    run = Path(tempfile.mkdtemp())
-    rows, catalog, _ = load_train_split(job.data, run)
-    tok = load_tokenizer(job.tokenizer, catalog, dataset_dir(job.data, run), job.data.data_root)
-    sets = rl_prompts(rows, catalog, job.tasks, job.rl, job.data.category_text, job.train.seed)
-    pairs = [pair for prompts in sets.values() for pair in prompts]
-    return tok.encode_batch([p for p, _ in pairs]), [t for _, t in pairs], tok, catalog_trie(tok, catalog)
 
 
 def measure(args: argparse.Namespace, chunks: int, model, data, steps: list[np.ndarray]) -> dict[str, Any]:
@@ -88,19 +68,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import jax
-
     from sid.models.build import build_model
 
     args = parse_args(argv)
-    data = preset_prompts(args.data_root)
+    data = preset_rl_prompts(args.data_root)
     model, _ = build_model(arch_config(args.arch, seed=args.seed, compute_dtype=args.dtype, remat="none"), data[2])
     rng = np.random.default_rng(args.seed)
     steps = [rng.choice(len(data[0]), args.prompts, replace=False) for _ in range(args.steps)]
     sides = [measure(args, chunks, model, data, steps) for chunks in (1, args.chunks)]
     same = all(np.array_equal(a, b) for a, b in zip(sides[0].pop("beams"), sides[1].pop("beams"), strict=True))
     record = {"benchmark": "rl_rollout_chunks", "args": {k: v for k, v in vars(args).items() if k != "out"},
-              **host_environment(), "jax": jax.__version__, "device_kind": jax.devices()[0].device_kind,
+              **host_environment(), **jax_environment(),
               "one_chunk": sides[0], "chunked": sides[1], "speedup": sides[0]["step_s"] / sides[1]["step_s"],
               "same_beams": same}  # fmt: skip
     print(markdown_table(sides, {"chunks": "chunks", "prompt_tokens": "prompt tokens per step", "step_s": "s"}))
