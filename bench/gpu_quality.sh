@@ -21,20 +21,12 @@ T0=$SECONDS
 OUT=${OUT:-runs/quality/gpu_out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-PY=${PYTHON:-python3}
 SMOKE=${GPU_QUALITY_SMOKE:-0}
 TOTAL_S=${GPU_QUALITY_TOTAL_S:-540}
 COPY_S=30 # left at the end to collect files and print the table
 
-if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-else
-  echo "no .whl/: using the packages $PY already has"
-  export PYTHONPATH=$PWD:${PYTHONPATH:-}
-fi
-export SID_DATA_ROOT=${SID_DATA_ROOT:-$PWD/.gpudata} PYTHONUNBUFFERED=1
+# shellcheck source=bench/gpu_env.sh
+source bench/gpu_env.sh # PY, the wheels, PYTHONPATH, SID_DATA_ROOT
 
 if [ "$SMOKE" = 1 ]; then
   # The same steps on a CPU: the tiny preset, two variants, a small budget.
