@@ -12,7 +12,7 @@ PROMPT_TASKS = ("next_sid", "title2sid", "description2sid", "title_history")
 @dataclass(frozen=True)
 class RLConfig:
     """GRPO after SFT (MiniOneRec's recipe; docs/rl.md). One optimizer step = one rollout of `prompts_per_step`
-    train prompts x `group_size` completions, i.e. prompts_per_step x group_size completions."""
+    train prompts with `group_size` completions each."""
 
     init: str = ""
     """Where the policy starts: an SFT run directory (its `model/` HF export, the best model when that run selected
