@@ -134,6 +134,7 @@ def test_one_grpo_step_through_the_train_step(trie):
     state, metrics = step(state, to_global(batch, mesh))
     assert int(metrics["completions"]) == 16 and int(metrics["completion_tokens"]) == 16 * num_tokens
     assert int(metrics["tokens"]) == mask.sum() + 16 * (num_tokens - 1)  # what the forward ran: prompts once
+    assert int(metrics["row_tokens"]) == rows["input_ids"].size  # the real tokens and the padding
     assert float(metrics["loss"]) == pytest.approx(-adv.mean(), abs=1e-6)
     assert float(metrics["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
     assert float(metrics["ratio_sum"]) == pytest.approx(float(metrics["ratio_units"]), rel=1e-6)
@@ -152,7 +153,9 @@ def test_rollout_columns_give_score_groups_metrics_and_step_stats_divide_them(tr
     assert all(c.shape == (3, 4) and c.dtype == np.float32 for c in columns.values())
     stats = {f"{k}_sum": c.sum(dtype=np.float64) for k, c in columns.items()}
     stats.update(completions=12, completion_tokens=60, kl_sum=1.2, ratio_sum=60.0, ratio_units=60, clipped=6)
+    stats.update(tokens=300, row_tokens=400)
     out = rl_step_stats(stats)
+    assert out["row_fill"] == 0.75
     for name, value in metrics.items():
         assert out[f"rollout/{name}"] == pytest.approx(value, rel=1e-6), name
     assert (out["kl"], out["completion_length"], out["ratio"], out["clip_fraction"]) == pytest.approx((0.1, 5, 1, 0.1))

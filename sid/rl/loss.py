@@ -173,6 +173,7 @@ def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = No
         for name, column in batch.items():
             if name.startswith("rollout/"):
                 stats[f"{name}_sum"] = jnp.where(rows, per_completion(column).astype(jnp.float32), 0.0).sum()
+        stats["row_tokens"] = jnp.asarray(batch["input_ids"].size, jnp.int32)  # what the forward ran, padding too
         return loss_sum, count, stats
 
     return loss_fn
@@ -180,13 +181,15 @@ def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = No
 
 def rl_step_stats(m: dict) -> dict[str, float]:
     """A GRPO step's logged figures from its summed stats (`sid.trainer.fit`'s `step_stats`): the mean KL and
-    completion length, the mean importance ratio and the clipped fraction, and each rollout figure's mean."""
+    completion length, the mean importance ratio and the clipped fraction, each rollout figure's mean, and
+    `row_fill`, the share of the rows' tokens that are real (the step's `tokens`; the rest is padding)."""
     completions, units = max(int(m["completions"]), 1), max(int(m["ratio_units"]), 1)
     out = {
         "kl": float(m["kl_sum"]) / completions,
         "completion_length": int(m["completion_tokens"]) / completions,
         "ratio": float(m["ratio_sum"]) / units,
         "clip_fraction": int(m["clipped"]) / units,
+        "row_fill": int(m["tokens"]) / max(int(m["row_tokens"]), 1),
     }
     for key, value in m.items():
         if key.startswith("rollout/") and key.endswith("_sum"):
