@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,6 +35,12 @@ log = logging.getLogger("sid")
 EXPLAINED_TOP = 10
 
 
+def smallest_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest of `buckets` that holds `length` tokens; the largest when none does (a longer prompt keeps its
+    last tokens)."""
+    return next((b for b in sorted(buckets) if b >= length), max(buckets))
+
+
 def bucketed_batches(prompts: list[list[int]], buckets: tuple[int, ...], batch: int, pad_id: int):
     """Yield (indices, input_ids[batch, L], mask[batch, L]): prompts left-padded to the smallest bucket that fits
     (over-long ones keep their last tokens), grouped by bucket; a short last batch repeats its first prompt (its
@@ -41,7 +48,7 @@ def bucketed_batches(prompts: list[list[int]], buckets: tuple[int, ...], batch: 
     buckets = tuple(sorted(buckets))
     by_bucket: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
-        length = next((b for b in buckets if len(ids) <= b), buckets[-1])
+        length = smallest_bucket(len(ids), buckets)
         by_bucket.setdefault(length, []).append(i)
     for length, members in sorted(by_bucket.items()):
         for start in range(0, len(members), batch):

@@ -18,7 +18,7 @@ from sid.config import ConfigError
 from sid.data.dataset import dataset_dir, load_tokenizer, load_train_split
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.held_out import sft_evaluators
-from sid.eval.runner import catalog_trie
+from sid.eval.runner import catalog_trie, smallest_bucket
 from sid.jobs import RLJob
 from sid.loss import sft_loss
 from sid.models.build import token_extension
@@ -90,7 +90,7 @@ def check_rl(job: RLJob, mesh, num_leaves: int) -> None:
 def prompt_length(prompts: list[list[int]], buckets: tuple[int, ...]) -> int:
     """The smallest of eval.prompt_buckets that holds every prompt (longer ones keep their last tokens)."""
     longest = max(len(p) for p in prompts)
-    length = next((b for b in sorted(buckets) if b >= longest), max(buckets))
+    length = smallest_bucket(longest, buckets)
     if longest > length:
         log.warning("rl: prompts up to %d tokens keep their last %d (eval.prompt_buckets)", longest, length)
     return length

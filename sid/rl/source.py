@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from sid.eval.beam import sharded_beam_search
+from sid.eval.runner import smallest_bucket
 from sid.eval.sampling import sharded_constrained_sample
 from sid.eval.trie import SidTrie
 from sid.parallel.host import global_array, to_host
@@ -66,6 +67,7 @@ class RolloutSource:
         self.rows_multiple = data_parallel_size(mesh) * micro_batches  # whole rows for each shard's micro-batch
         self.target_leaves = target_leaves(trie, targets)
         self.ids, self.mask = left_pad(prompts, prompt_length, pad_id)
+        self.lengths = self.mask.sum(axis=1)  # each prompt's tokens, as left-padded
         self.reward = get_reward(cfg.reward)
         self.reference = Reference(start, cfg, mesh, run_dir)
         self.consumed = 0
@@ -133,7 +135,7 @@ class RolloutSource:
         """The policy's completions (trie leaves [prompts, G]) for the prompts `idx`: beams, or samples (keys from
         (seed, step, chunk)), in `rl.rollout_chunks` chunks of prompts sorted by length, each padded to its own
         bucket; then dynamic sampling's selection and add_gt's target, when enabled."""
-        by_length = np.argsort(self.mask[idx].sum(axis=1), kind="stable")
+        by_length = np.argsort(self.lengths[idx], kind="stable")
         chunks = np.split(by_length, self.cfg.rollout_chunks)
         outs = [self._rollout_chunk(policy, idx[part], step, c) for c, part in enumerate(chunks)]  # all dispatched
         leaves = np.zeros((len(idx), outs[0].leaves.shape[1]), np.int64)
@@ -148,7 +150,7 @@ class RolloutSource:
     def _rollout_chunk(self, policy, idx: np.ndarray, step: int, chunk: int):
         """The rollout program's output for the prompts `idx`, left-padded to the smallest bucket that holds them
         (their last columns of the prompts' padding to prompt_length); dispatched, not read."""
-        width = next(b for b in self.buckets if b >= self.mask[idx].sum(axis=1).max())
+        width = smallest_bucket(int(self.lengths[idx].max()), self.buckets)
         ids, mask = (global_array(a[idx][:, -width:], self.sharding) for a in (self.ids, self.mask))
         if self.cfg.rollout == "beam":
             return self.rollout(policy, self.trie.tables, ids, mask)
