@@ -80,7 +80,7 @@ def measure(args: argparse.Namespace, model, trie, steps: list[dict[str, Any]], 
     loss_fn = make_loss_fn(beta=1e-3)
     update = eqx.filter_jit(eqx.filter_value_and_grad(lambda m, b: loss_fn(m, b, None)[0]))
     reference = eqx.filter_jit(completion_logprobs)
-    seconds, rows, slots, logprobs = [], [], [], []
+    seconds, rows, logprobs = [], [], []
     for step in steps:
         batch, plan = group_rows(trie, step["ids"], step["mask"], step["leaves"], pack=pack)
         batch = {k: v % args.vocab if k in ("input_ids", "completions") else v for k, v in batch.items()}
@@ -95,11 +95,10 @@ def measure(args: argparse.Namespace, model, trie, steps: list[dict[str, Any]], 
         t0 = time.perf_counter()
         ref = run(batch)
         seconds.append(time.perf_counter() - t0)
-        rows.append(plan.num_rows)
-        slots.append(plan.num_rows * plan.slots)
-        logprobs.append(np.asarray(ref)[plan.row, plan.slot])
-    width = batch["input_ids"].shape[1]
-    return {"pack": pack, "rows": rows, "slots": slots, "row_tokens": float(np.mean(rows)) * width,
+        rows.append(plan.cells * plan.rows)
+        logprobs.append(np.asarray(ref)[plan.cell, plan.slot])
+    width = batch["input_ids"].shape[2]
+    return {"pack": pack, "rows": rows, "row_tokens": float(np.mean(rows)) * width,
             "seconds": seconds, "step_s": float(np.mean(seconds)), "logprobs": logprobs}  # fmt: skip
 
 
@@ -139,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               **host_environment(), **jax_environment(),
               "one_per_row": sides[0], "packed": sides[1],
               "speedup": sides[0]["step_s"] / sides[1]["step_s"], "ref_logp_max_abs_diff": diff}  # fmt: skip
-    columns = {"pack": "packed", "rows": "rows per step", "slots": "rows x slots", "step_s": "s per step"}
+    columns = {"pack": "packed", "rows": "rows per step", "step_s": "s per step"}
     print(markdown_table(sides, columns))
     print(f"\npacked / one per row: {record['speedup']:.2f}x faster; reference log-probs differ by {diff:.3g} at most")
     write_json(args.out, record)

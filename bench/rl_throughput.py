@@ -170,13 +170,14 @@ class SidStep:
         self.split.update(rollout_s=0.0, ref_logprobs_s=0.0)
         t0 = time.perf_counter()
         host = next(self.source)
-        self.packed_rows = int(host["input_ids"].shape[0])  # the same every step: the same prompts, so one compile
+        # cells x rows: the same every step (the same prompts), so one compile
+        self.packed_rows = int(np.prod(host["input_ids"].shape[:2]))
         batch = to_global(host, self.mesh)
         t1 = time.perf_counter()
         if self.compiled is None:  # the first step: also keep its rows for the baseline's cross-check
             self.compiled = self.step_fn.lower(self.state, batch).compile()
             if self.spec["weights_dir"]:
-                keep = ("input_ids", "segment_ids", "completions", "completion_mask", "ref_logp")
+                keep = ("input_ids", "segment_ids", "token_index", "completions", "completion_mask", "ref_logp")
                 np.savez(Path(self.spec["weights_dir"]) / FIRST_BATCH, **{k: host[k] for k in keep})
         self.state, metrics = self.compiled(self.state, batch)
         metrics = jax.device_get(metrics)
@@ -248,15 +249,15 @@ def separate_rows(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """sid's rows (`sid.rl.rollout.group_rows`: each prompt once with its G completions, several prompts to a row)
     as the baseline's: each prompt, left-padded to the longest, repeated before each of its completions, [P * G,
     prompt + T] ids and attention mask; and sid's reference log-probs [P, G, T] in the same order of groups."""
-    from sid.models.qwen2 import prefix_segments
     from sid.rl.source import left_pad
 
-    groups = batch["completion_mask"].any(axis=(2, 3))  # [rows, slots]: the slots that hold a group
+    groups = batch["completion_mask"].any(axis=(2, 3))  # [cells, group slots]: the slots that hold a group
     group, num_tokens = batch["completions"].shape[2:]
-    prompts = [
-        batch["input_ids"][r][batch["segment_ids"][r] == prefix_segments(int(j), group)[0]].tolist()
-        for r, j in zip(*np.nonzero(groups), strict=True)
-    ]
+    prompts = []
+    for c, j in zip(*np.nonzero(groups), strict=True):
+        row, last = divmod(int(batch["token_index"][c, j, 0, 0]), batch["input_ids"].shape[2])  # the prompt's last
+        segments = batch["segment_ids"][c, row]
+        prompts.append(batch["input_ids"][c, row][segments == segments[last]].tolist())
     ids, mask = (np.repeat(a, group, axis=0) for a in left_pad(prompts, max(map(len, prompts)), 0))
     ids = np.concatenate([ids, batch["completions"][groups].reshape(-1, num_tokens)], axis=1)
     return ids, np.concatenate([mask, np.ones((len(ids), num_tokens), bool)], axis=1), batch["ref_logp"][groups]

@@ -160,20 +160,21 @@ def _separate_logprobs(model, prompts, completions):
     return jnp.take_along_axis(logp, jnp.asarray(flat)[..., None], axis=-1)[..., 0].reshape(completions.shape)
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["packed", "one-per-row"])
+@pytest.fixture(scope="module", params=[(True, 1), (True, 2), (False, 2)], ids=["packed", "2-cells", "one-per-row"])
 def grouped(request):
     """Five prompts of different lengths with four catalog completions each, in `group_rows`' layout; padded to
     three times their bucket, so that packing puts several groups in a row: (prompts, rows, each prompt's
-    completions [P, G, T], a function of the rows' [rows, slots, ...] values giving each prompt's)."""
+    completions [P, G, T], a function of the batch's [cells, groups, ...] values giving each prompt's)."""
+    pack, cells = request.param
     trie = _catalog((4, 3, 3), 22, seed=1)
     prompts, ids, _ = _prompts(5, seed=3)
     ids, mask = left_pad(prompts, 3 * ids.shape[1], EOS)
     leaves = np.random.default_rng(4).integers(0, trie.num_leaves, size=(5, 4))
-    rows, plan = group_rows(trie, ids, mask, leaves, pack=request.param)
-    assert (plan.num_rows < 5) == request.param and plan.slots == (2 if request.param else 1)
+    rows, plan = group_rows(trie, ids, mask, leaves, pack=pack, cells=cells)
+    assert plan.cells == cells and (plan.rows < plan.groups) == pack
 
     def per_prompt(x):
-        return x[plan.row, plan.slot]
+        return x[plan.cell, plan.slot]
 
     return prompts, rows, per_prompt(rows["completions"]), per_prompt
 

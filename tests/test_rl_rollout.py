@@ -31,57 +31,61 @@ def trie():
 
 def test_plan_rows_by_hand():
     lengths = np.array([5, 3, 4, 2, 6])
-    # First-fit-decreasing needs 3 rows of 8 ([6, 2], [5, 3], [4]); with a multiple of 2, 4 rows, and the groups,
-    # longest first, go to the fitting row with the fewest groups: 6, 5, 4 and 3 one to a row, then 2 beside the 6.
-    plan = plan_rows(lengths, 8, pack=True, multiple=2)
-    np.testing.assert_array_equal(plan.row, [1, 3, 2, 0, 0])
-    np.testing.assert_array_equal(plan.slot, [0, 0, 0, 1, 0])
+    # Two cells of 3 group slots. Dealt longest first to the cell with the fewest tokens (a tie to the first):
+    # 6 -> cell 0, 5 -> 1, 4 -> 1 (5 < 6), 3 -> 0 (6 < 9), 2 -> 0 (a tie at 9). First fit in rows of 8: cell 0
+    # [6, 2], [3]; cell 1 [5], [4].
+    plan = plan_rows(lengths, 8, pack=True, cells=2)
+    np.testing.assert_array_equal(plan.cell, [1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(plan.slot, [0, 1, 1, 2, 0])
+    np.testing.assert_array_equal(plan.row, [0, 1, 1, 0, 0])
     np.testing.assert_array_equal(plan.start, [0, 0, 0, 6, 0])
-    assert (plan.num_rows, plan.slots) == (4, 2)
-    np.testing.assert_array_equal(plan.place(np.arange(1, 6)), [[5, 4], [1, 0], [3, 0], [2, 0]])
-    # With 3 rows: 3 fits beside 5 (fuller than 4's row) and 2 beside 6, as first-fit-decreasing puts them.
-    plan = plan_rows(lengths, 8, pack=True, multiple=1)
-    assert plan.row.tolist() == [1, 1, 2, 0, 0] and plan.start.tolist() == [0, 5, 0, 6, 0] and plan.num_rows == 3
-    # Evening the counts can need a row more: first fit fills two rows of 10 with [5, 5] and [4, 3, 3]; by count
-    # the 5s take a row each, 4 joins the first (9) and 3 the second (8), and the last 3 needs a third row.
-    plan = plan_rows(np.array([5, 5, 4, 3, 3]), 10, pack=True, multiple=1)
-    assert plan.row.tolist() == [0, 1, 0, 1, 2] and (plan.num_rows, plan.slots) == (3, 2)
-    alone = plan_rows(lengths, 8, pack=False, multiple=2)
-    np.testing.assert_array_equal(alone.row, np.arange(5))
-    assert (alone.num_rows, alone.slots) == (6, 1) and not alone.start.any() and not alone.slot.any()
+    assert (plan.cells, plan.groups, plan.rows) == (2, 3, 2)
+    np.testing.assert_array_equal(plan.place(np.arange(1, 6)), [[5, 2, 4], [1, 3, 0]])  # cell 1's last slot empty
+    # One cell: first-fit-decreasing, 6 | 5 | 4, then 3 beside 5 and 2 beside 6.
+    plan = plan_rows(lengths, 8, pack=True, cells=1)
+    assert plan.row.tolist() == [1, 1, 2, 0, 0] and plan.start.tolist() == [0, 5, 0, 6, 0] and plan.rows == 3
+    assert plan.slot.tolist() == [1, 3, 2, 4, 0] and plan.groups == 5
+    alone = plan_rows(lengths, 8, pack=False, cells=2)
+    np.testing.assert_array_equal(alone.row, alone.slot)
+    assert (alone.cells, alone.groups, alone.rows) == (2, 3, 3) and not alone.start.any()
     for bad in ([3, 9], [0, 3]):
         with pytest.raises(ValueError, match=f"groups of {min(bad)} to {max(bad)} tokens: each must fill 1 to 8"):
-            plan_rows(np.array(bad), 8, pack=True, multiple=1)
+            plan_rows(np.array(bad), 8, pack=True, cells=1)
+    with pytest.raises(ValueError, match="cells must be >= 1, got 0"):
+        plan_rows(lengths, 8, pack=True, cells=0)
 
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_group_rows_layout(trie, pack):
-    """Each prompt's tokens in its slot's shared prefix, positions from 0; each completion's fed tokens in a member
-    segment, positions after the prompt's; token_index at the columns that predict each completion token."""
-    prompts, _, _ = _prompts(3, seed=2)
+    """Each prompt's tokens in a shared prefix of its row (the k-th group of the row in prefix k), positions from 0;
+    each completion's fed tokens in a member segment, positions after the prompt's; token_index at the columns of
+    the cell's flattened rows that predict each completion token."""
+    prompts, _, _ = _prompts(5, seed=2)
     ids, mask = left_pad(prompts, 40, EOS)
-    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1], [4, 4, 9, 0]])
-    rows, plan = group_rows(trie, ids, mask, leaves, pack=pack, multiple=2)
+    leaves = np.array([[0, 5, 21, 5], [7, 3, 2, 1], [4, 4, 9, 0], [1, 2, 3, 4], [8, 8, 8, 8]])
+    rows, plan = group_rows(trie, ids, mask, leaves, pack=pack, cells=2)
     width = 40 + 4 * 4  # the longest prompt, then each completion's first T - 1 = 4 tokens
-    assert rows["input_ids"].shape == rows["segment_ids"].shape == rows["positions"].shape == (plan.num_rows, width)
-    assert rows["completions"].shape == rows["token_index"].shape == (plan.num_rows, plan.slots, 4, 5)
-    assert plan.num_rows % 2 == 0 and (plan.num_rows < 3) == pack
-    np.testing.assert_array_equal(rows["completion_mask"].all(axis=(2, 3)), plan.place(np.ones(3, bool)))
+    shape = (2, plan.rows, width)
+    assert rows["input_ids"].shape == rows["segment_ids"].shape == rows["positions"].shape == shape
+    assert rows["completions"].shape == rows["token_index"].shape == (2, 3, 4, 5)
+    assert (plan.rows < 3) == pack
+    np.testing.assert_array_equal(rows["completion_mask"].all(axis=(2, 3)), plan.place(np.ones(5, bool)))
     for p, prompt in enumerate(prompts):
-        r, j = plan.row[p], plan.slot[p]
-        prefix, members = prefix_segments(int(j), 4)
-        ids_r, seg_r, pos_r = (rows[k][r] for k in ("input_ids", "segment_ids", "positions"))
+        c, r, j = plan.cell[p], plan.row[p], plan.slot[p]
+        earlier = sum(plan.cell[q] == c and plan.row[q] == r for q in range(p))
+        prefix, members = prefix_segments(earlier, 4)
+        ids_r, seg_r, pos_r = (rows[k][c, r] for k in ("input_ids", "segment_ids", "positions"))
         np.testing.assert_array_equal(ids_r[seg_r == prefix], prompt)
         np.testing.assert_array_equal(pos_r[seg_r == prefix], np.arange(len(prompt)))
         for g in range(4):
             completion = np.concatenate([trie.paths[leaves[p, g]], [NEWLINE, EOS]])
-            np.testing.assert_array_equal(rows["completions"][r, j, g], completion)
+            np.testing.assert_array_equal(rows["completions"][c, j, g], completion)
             fed = np.flatnonzero(seg_r == members[g])
             np.testing.assert_array_equal(ids_r[fed], completion[:-1])
             np.testing.assert_array_equal(pos_r[fed], len(prompt) + np.arange(4))
-            last_prompt_column = np.flatnonzero(seg_r == prefix)[-1]
-            np.testing.assert_array_equal(rows["token_index"][r, j, g], np.concatenate([[last_prompt_column], fed]))
-    assert (rows["segment_ids"] != 0).sum() == mask.sum() + 3 * 4 * 4  # every token once, nothing else
+            columns = np.concatenate([[np.flatnonzero(seg_r == prefix)[-1]], fed])  # the prompt's last, then fed
+            np.testing.assert_array_equal(rows["token_index"][c, j, g], r * width + columns)
+    assert (rows["segment_ids"] != 0).sum() == mask.sum() + 5 * 4 * 4  # every token once, nothing else
     assert rows["input_ids"].dtype == rows["segment_ids"].dtype == rows["completions"].dtype == np.int32
 
 
@@ -119,7 +123,7 @@ def test_one_grpo_step_through_the_train_step(trie):
     leaves = np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 4))
     targets = [trie.sids[leaves[0, 0]], trie.sids[leaves[1, 3]], trie.sids[(leaves[2, 0] + 1) % 22], trie.sids[0]]
     _, adv, _ = score_groups(trie, leaves, targets, get_reward("ranking"))
-    rows, plan = group_rows(trie, ids, mask, leaves, multiple=4)  # 2 data shards x 2 micro-batches
+    rows, plan = group_rows(trie, ids, mask, leaves, cells=4)  # 2 data shards x 2 micro-batches
     num_tokens = rows["completions"].shape[3]
     logprobs = eqx.filter_jit(completion_logprobs)
     ref = np.asarray(logprobs(model, rows))
@@ -196,12 +200,12 @@ def test_add_gt_puts_the_target_last_and_target_leaves_name_a_missing_sid(trie):
 
 
 def test_reference_logprobs_run_in_the_updates_micro_batches(trie):
-    """The reference pass over 4 rows in 2 micro-batches of 2 (on a 2-device mesh) gives the whole batch's
-    log-probs, each row's in its own place."""
+    """The reference pass over 4 cells (2 data shards x 2 micro-batches), a micro-batch's 2 cells at a time on a
+    2-device mesh, gives the whole batch's log-probs, each group's in its own place."""
     model = _model(seed=2)
     _, ids, mask = _prompts(4, seed=6)
     leaves = np.random.default_rng(7).integers(0, trie.num_leaves, size=(4, 3))
-    rows, _ = group_rows(trie, ids, mask, leaves, pack=False)
+    rows, _ = group_rows(trie, ids, mask, leaves, pack=False, cells=4)
     whole = eqx.filter_jit(completion_logprobs)(model, rows)
     source = RolloutSource.__new__(RolloutSource)  # only the reference pass: no trie, prompts or policy
     seen = []

@@ -73,8 +73,8 @@ def check_rl(job: RLJob, mesh, num_leaves: int) -> None:
         raise ConfigError(f"rl.group_size={rl.group_size} must be in [2, {num_leaves}] (the catalog's SIDs)")
     if rl.prompts_per_step < 1 or rl.prompts_per_step % (dp * accum):
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be a positive multiple of the {dp} data "
-                          f"shards of the mesh x train.grad_accum_steps={accum} (so that one prompt per row splits "
-                          "evenly)")  # fmt: skip
+                          f"shards of the mesh x train.grad_accum_steps={accum} (so that each shard's micro-batch "
+                          "holds as many prompts)")  # fmt: skip
     if rl.rollout_chunks < 1 or rl.prompts_per_step % (dp * rl.rollout_chunks):
         raise ConfigError(f"rl.rollout_chunks={rl.rollout_chunks} must be >= 1 and split rl.prompts_per_step="
                           f"{rl.prompts_per_step} into chunks that divide over the {dp} data shards")  # fmt: skip

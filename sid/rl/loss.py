@@ -115,7 +115,7 @@ ROW_KEYS = ("input_ids", "positions", "segment_ids", "token_index", "completions
 """The batch arrays `completion_logprobs` reads (`sid.rl.rollout.group_rows`)."""
 
 
-def completion_logprobs(model: Qwen2, rows: Mapping[str, Array]) -> Float[Array, "rows slots group tokens"]:
+def completion_logprobs(model: Qwen2, rows: Mapping[str, Array]) -> Float[Array, "cells groups group tokens"]:
     """float32 log-probs (log-softmax over the valid vocab, temperature 1, as upstream's loss) of each completion's
     tokens given its prompt, for the groups packed in `rows` (`sid.rl.rollout.group_rows`).
 
@@ -123,13 +123,15 @@ def completion_logprobs(model: Qwen2, rows: Mapping[str, Array]) -> Float[Array,
     Each prompt is a shared prefix whose members are its completions (`sid.models.qwen2.prefix_segments`), so one
     causal forward runs each prompt once and every completion attends to its prompt and to its own earlier tokens
     only: the log-probs of G separate ``[prompt | completion]`` rows, for 1/G of their prompt tokens. Each
-    completion token's logits come from the hidden state at its ``token_index`` column (the prompt's last for the
-    first token), gathered within the row, so sharding the rows over the mesh splits the gather too.
+    completion token's logits come from the hidden state at its ``token_index`` column of its cell's rows (the
+    prompt's last for the first token), gathered within the cell, so the gather splits over the mesh with the
+    cells; the head runs on the cells' group slots only, however the groups lie in rows.
     """
-    completions = rows["completions"]  # [rows, slots, G, T]
-    hidden = model(rows["input_ids"], rows["positions"], rows["segment_ids"])
-    index = rows["token_index"].reshape(hidden.shape[0], -1)
-    picked = jax.vmap(lambda h, i: h[i])(hidden, index).reshape(*completions.shape, hidden.shape[-1])
+    completions, (cells, _, width) = rows["completions"], rows["input_ids"].shape  # [cells, groups, G, T]
+    hidden = model(*(rows[k].reshape(-1, width) for k in ("input_ids", "positions", "segment_ids")))
+    by_cell = hidden.reshape(cells, -1, hidden.shape[-1])
+    picked = jax.vmap(lambda h, i: h[i])(by_cell, rows["token_index"].reshape(cells, -1))
+    picked = picked.reshape(*completions.shape, hidden.shape[-1])
     logits = model.logits(picked)
     # The token's logit by a masked sum, not a gather: under a mesh the logits are split over the vocab (as in
     # sid.loss); and no [..., vocab] log-softmax is materialised beside the logits.
@@ -141,17 +143,17 @@ def completion_logprobs(model: Qwen2, rows: Mapping[str, Array]) -> Float[Array,
 def make_loss_fn(*, beta: float, kind: str = "grpo", clip_eps: float | None = None):
     """`grpo_loss` of the policy as a `sid.step.LossFn` ``(model, batch, key) -> (loss sum, count, stats)``.
 
-    The batch holds `sid.rl.rollout.group_rows`' rows (``input_ids``, ``positions``, ``segment_ids`` [rows,
-    width]; ``completions``, ``completion_mask``, ``token_index`` [rows, slots, G, T]), plus, laid out by the
-    same plan, ``advantages`` [rows, slots, G] and the reference model's ``ref_logp`` [rows, slots, G, T]
+    The batch holds `sid.rl.rollout.group_rows`' rows (``input_ids``, ``positions``, ``segment_ids`` [cells, rows,
+    width]; ``completions``, ``completion_mask``, ``token_index`` [cells, groups, G, T]), plus, laid out by the
+    same plan, ``advantages`` [cells, groups, G] and the reference model's ``ref_logp`` [cells, groups, G, T]
     (computed once per rollout with `completion_logprobs`), and optionally the rollout policy's ``old_logp``.
-    Per-completion ``rollout/<name>`` columns [rows, slots, G] (the rollout's figures, `sid.rl.source`) are
-    summed over the completions with a token into the stats as ``rollout/<name>_sum``. Empty slots and rows
-    have no completion token and count for nothing."""
+    Per-completion ``rollout/<name>`` columns [cells, groups, G] (the rollout's figures, `sid.rl.source`) are
+    summed over the completions with a token into the stats as ``rollout/<name>_sum``. Empty group slots have no
+    completion token and count for nothing."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown GRPO loss kind {kind!r}: expected one of {LOSS_KINDS}")
 
-    def per_completion(x: Array) -> Array:  # [rows, slots, G, ...] -> [rows * slots * G, ...], the loss's rows
+    def per_completion(x: Array) -> Array:  # [cells, groups, G, ...] -> [cells * groups * G, ...], the loss's rows
         return x.reshape(-1, *x.shape[3:])
 
     def loss_fn(model: Qwen2, batch: dict[str, Array], key: Array):

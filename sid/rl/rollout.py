@@ -40,82 +40,84 @@ def row_width(prompt_length: int, group: int, completion_tokens: int) -> int:
 
 @dataclass(frozen=True)
 class RowPlan:
-    """Where each group of a rollout lies in the batch's rows: row `row[p]`, slot `slot[p]` of that row (the
-    slot-th group in it), from column `start[p]`; `num_rows` rows of up to `slots` groups."""
+    """Where each group of a rollout lies in the batch. The batch is `cells` cells, each one data shard's share of
+    one micro-batch, so a cell never spans devices; a cell has `groups` group slots and `rows` rows. Group p is slot
+    `slot[p]` of cell `cell[p]`, and lies in the cell's row `row[p]` from column `start[p]`."""
 
-    row: np.ndarray
+    cell: np.ndarray
     slot: np.ndarray
+    row: np.ndarray
     start: np.ndarray
-    num_rows: int
-    slots: int
+    cells: int
+    groups: int
+    rows: int
 
     def place(self, x: np.ndarray) -> np.ndarray:
-        """Per-group values [P, ...] laid out as the batch's [rows, slots, ...], zeros in the empty slots."""
-        out = np.zeros((self.num_rows, self.slots, *x.shape[1:]), x.dtype)
-        out[self.row, self.slot] = x
+        """Per-group values [P, ...] laid out as the batch's [cells, groups, ...], zeros in the empty slots."""
+        out = np.zeros((self.cells, self.groups, *x.shape[1:]), x.dtype)
+        out[self.cell, self.slot] = x
         return out
 
 
-def plan_rows(lengths: np.ndarray, width: int, *, pack: bool, multiple: int) -> RowPlan:
-    """Groups of `lengths` tokens into rows of `width`, the row count rounded up to a multiple of `multiple` (the
-    mesh's data shards x micro-batches, so every micro-batch of every shard has whole rows) with empty rows.
+def plan_rows(lengths: np.ndarray, width: int, *, pack: bool, cells: int) -> RowPlan:
+    """Groups of `lengths` tokens into `cells` cells (the mesh's data shards x micro-batches) of rows of `width`.
 
-    Unpacked: one group per row. Packed: as many rows as first-fit-decreasing needs (rounded up), then each group,
-    longest first, into the row it fits with the fewest groups (then the fullest, then the first): the batch's
-    slots per row is the most groups in a row, and every slot computes logits, so evening the counts saves them.
-    A function of the lengths alone (ties go by position)."""
+    Each cell holds an equal share of the groups (one more where they do not split evenly): longest first, each
+    group goes to the cell with the fewest tokens so far among those with a free slot, so the cells need about the
+    same rows. Within a cell, unpacked: one group per row; packed: first-fit-decreasing, each group into the
+    cell's first row with room. Every cell gets the most rows any cell needs (the rest empty). Logits are computed
+    per group slot, not per row, so packing adds no logits. A function of the lengths alone (ties go by position)."""
     lengths = np.asarray(lengths, np.int64)
     if lengths.size and (lengths.min() < 1 or lengths.max() > width):
         raise ValueError(f"groups of {lengths.min()} to {lengths.max()} tokens: each must fill 1 to {width} (a row)")
-    zeros = np.zeros(len(lengths), np.int64)
-    if not pack:
-        return RowPlan(np.arange(len(lengths)), zeros, zeros.copy(), _round_up(len(lengths), multiple), 1)
+    if cells < 1:
+        raise ValueError(f"cells must be >= 1, got {cells}")
+    groups = max(-(-len(lengths) // cells), 1)
     order = np.argsort(-lengths, kind="stable")
-    opened = _round_up(_first_fit_rows(lengths[order], width), multiple)
-    filled, counts = np.zeros(max(opened, len(lengths)), np.int64), np.zeros(max(opened, len(lengths)), np.int64)
-    row, slot, start = zeros, zeros.copy(), zeros.copy()
+    cell, slot = _deal(lengths, order, cells, groups)
+    if not pack:
+        return RowPlan(cell, slot, slot, np.zeros_like(slot), cells, groups, groups)
+    row, start = np.zeros_like(slot), np.zeros_like(slot)
+    filled = np.zeros((cells, groups), np.int64)
     for p in order:
-        fits = (filled + lengths[p] <= width) & (np.arange(len(filled)) < opened)
-        if not fits.any():  # evening the counts can need a row more than first-fit did
-            opened += 1
-            fits[opened - 1] = True
-        # the fewest groups, then the fullest, then the first
-        r = int(np.argmin(np.where(fits, counts * (width + 1) + width - filled, np.iinfo(np.int64).max)))
-        row[p], slot[p], start[p] = r, counts[r], filled[r]
-        filled[r] += lengths[p]
-        counts[r] += 1
-    return RowPlan(row, slot, start, _round_up(opened, multiple), int(counts.max(initial=1)))
+        c = cell[p]
+        r = int(np.argmax(filled[c] + lengths[p] <= width))  # the cell's first row with room
+        row[p], start[p] = r, filled[c, r]
+        filled[c, r] += lengths[p]
+    return RowPlan(cell, slot, row, start, cells, groups, int(row.max(initial=0)) + 1)
 
 
-def _first_fit_rows(lengths: np.ndarray, width: int) -> int:
-    """Rows first-fit needs for `lengths` (each in [1, width]) in this order: each goes to the first row with room,
-    so the rows used are the first ones."""
-    filled = np.zeros(len(lengths), np.int64)
-    for n in lengths:
-        filled[np.argmax(filled + n <= width)] += n
-    return int(np.count_nonzero(filled))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-max(n, 1) // multiple) * multiple
+def _deal(lengths: np.ndarray, order: np.ndarray, cells: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cell, slot in the cell) of each group: in `order`, to the cell with the fewest tokens among those with
+    fewer than `groups` groups (the first such cell on a tie)."""
+    cell, slot = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
+    tokens, counts = np.zeros(cells, np.int64), np.zeros(cells, np.int64)
+    for p in order:
+        c = int(np.argmin(np.where(counts < groups, tokens, np.iinfo(np.int64).max)))
+        cell[p], slot[p] = c, counts[c]
+        tokens[c] += lengths[p]
+        counts[c] += 1
+    return cell, slot
 
 
 def group_rows(
     trie: SidTrie, prompt_ids: np.ndarray, prompt_mask: np.ndarray, leaves: np.ndarray, *, pack: bool = True,
-    multiple: int = 1,
+    cells: int = 1,
 ) -> tuple[dict[str, np.ndarray], RowPlan]:  # fmt: skip
     """The batch of a rollout (`sid.rl.loss.completion_logprobs` reads it) and where each group went.
 
     A group is a prompt (its real tokens: `prompt_mask` True) then each of its G completions without its last
-    token; groups are packed into rows of `row_width` columns (`plan_rows`). The arrays:
+    token; groups are packed into the rows of `cells` cells, each `row_width` columns wide (`plan_rows`). The
+    arrays:
 
-    - ``input_ids``, ``positions``, ``segment_ids`` [rows, width]: the group in slot j of a row has its prompt in
-      shared prefix j and completion g in that prefix's member segment g (`sid.models.qwen2.prefix_segments`), so
-      each completion attends to its prompt and its own earlier tokens only; positions count from 0 at the prompt
-      and every completion continues from the prompt's length; padding is segment 0;
-    - ``completions`` [rows, slots, G, T]: each completion's tokens, its SID and the trie's end tokens;
-      ``completion_mask`` (True on the groups' slots); ``token_index``: the column whose hidden state predicts the
-      token (the prompt's last for every completion's first token).
+    - ``input_ids``, ``positions``, ``segment_ids`` [cells, rows, width]: the k-th group of a row has its prompt
+      in shared prefix k and completion g in that prefix's member segment g (`sid.models.qwen2.prefix_segments`),
+      so each completion attends to its prompt and its own earlier tokens only; positions count from 0 at the
+      prompt and every completion continues from the prompt's length; padding is segment 0;
+    - ``completions`` [cells, groups, G, T]: each completion's tokens, its SID and the trie's end tokens;
+      ``completion_mask`` (True on the groups' slots); ``token_index``: the column of the cell's rows, flattened
+      (row x width + column), whose hidden state predicts the token (the prompt's last for every completion's
+      first token).
     """
     leaves = _checked_leaves(trie, leaves)
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask, bool)
@@ -133,19 +135,21 @@ def group_rows(
     lengths = prompt_mask.sum(axis=1)
     if not lengths.all():
         raise ValueError(f"prompt {int(np.argmin(lengths))} has no tokens (prompt_mask all False)")
-    plan = plan_rows(lengths + group * fed, width, pack=pack, multiple=multiple)
-    rows = {k: np.zeros((plan.num_rows, width), np.int32) for k in ("input_ids", "positions", "segment_ids")}
+    plan = plan_rows(lengths + group * fed, width, pack=pack, cells=cells)
+    rows = {k: np.zeros((plan.cells, plan.rows, width), np.int32) for k in ("input_ids", "positions", "segment_ids")}
     index = np.zeros((num_prompts, group, fed + 1), np.int32)
+    prefixes = np.zeros((plan.cells, plan.rows), np.int64)  # groups already in each row
     for p in range(num_prompts):
-        r, n, begin = plan.row[p], lengths[p], plan.start[p]
-        prefix, members = prefix_segments(int(plan.slot[p]), group)
+        at, n, begin = (plan.cell[p], plan.row[p]), lengths[p], plan.start[p]
+        prefix, members = prefix_segments(int(prefixes[at]), group)
+        prefixes[at] += 1
         ids = np.concatenate([prompt_ids[p][prompt_mask[p]], completions[p, :, :-1].reshape(-1)])
         span = slice(begin, begin + ids.size)
-        rows["input_ids"][r, span] = ids
-        rows["positions"][r, span] = np.concatenate([np.arange(n), np.tile(np.arange(n, n + fed), group)])
-        rows["segment_ids"][r, span] = np.concatenate([np.full(n, prefix), np.repeat(members, fed)])
+        rows["input_ids"][at][span] = ids
+        rows["positions"][at][span] = np.concatenate([np.arange(n), np.tile(np.arange(n, n + fed), group)])
+        rows["segment_ids"][at][span] = np.concatenate([np.full(n, prefix), np.repeat(members, fed)])
         after_prompt = begin + n + fed * np.arange(group)[:, None] + np.arange(fed)[None]  # completions' columns
-        index[p] = np.concatenate([np.full((group, 1), begin + n - 1), after_prompt], axis=1)
+        index[p] = plan.row[p] * width + np.concatenate([np.full((group, 1), begin + n - 1), after_prompt], axis=1)
     placed = {"completions": completions, "completion_mask": np.ones(completions.shape, bool), "token_index": index}
     return rows | {k: plan.place(v) for k, v in placed.items()}, plan
 

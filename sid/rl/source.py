@@ -64,7 +64,7 @@ class RolloutSource:
         self.buckets = sorted({b for b in buckets if b < prompt_length} | {prompt_length})
         self.micro_batches = micro_batches  # the reference pass's, as the update's (train.grad_accum_steps)
         self.sharding = batch_sharding(mesh)
-        self.rows_multiple = data_parallel_size(mesh) * micro_batches  # whole rows for each shard's micro-batch
+        self.cells = data_parallel_size(mesh) * micro_batches  # a cell of rows for each shard's micro-batch
         self.target_leaves = target_leaves(trie, targets)
         self.ids, self.mask = left_pad(prompts, prompt_length, pad_id)
         self.lengths = self.mask.sum(axis=1)  # each prompt's tokens, as left-padded
@@ -115,15 +115,14 @@ class RolloutSource:
         idx = self._next_prompts()
         leaves = self._rollout(policy, idx, step)
         rewards, advantages, _ = score_groups(self.trie, leaves, self.targets[idx], self.reward)
-        rows, plan = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves, pack=self.cfg.pack,
-                                multiple=self.rows_multiple)  # fmt: skip
+        rows, plan = group_rows(self.trie, self.ids[idx], self.mask[idx], leaves, pack=self.cfg.pack, cells=self.cells)
         batch = {**rows, "advantages": plan.place(advantages), "ref_logp": self._reference_logprobs(reference, rows)}
         columns = rollout_columns(self.trie, leaves, self.targets[idx], rewards)
         return process_rows(batch | {name: plan.place(column) for name, column in columns.items()})
 
     def _reference_logprobs(self, reference, rows: dict[str, np.ndarray]) -> np.ndarray:
-        """The reference model's log-probs of the rows' completions [rows, slots, G, T], in the update's micro-batches
-        of rows: the pass never holds more logits ([rows, slots, G, T, vocab]) than one update micro-batch does."""
+        """The reference model's log-probs of the rows' completions [cells, groups, G, T], a micro-batch's cells at a
+        time: the pass never holds more logits ([cells, groups, G, T, vocab]) than one update micro-batch does."""
         split = {k: np.split(rows[k], self.micro_batches) for k in ROW_KEYS}
         out = [
             self.ref_logprobs(reference, {k: global_array(parts[i], self.sharding) for k, parts in split.items()})
