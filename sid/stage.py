@@ -12,6 +12,7 @@ import jax
 from jax.sharding import Mesh
 
 from sid.compat.hf import export_qwen2
+from sid.compile_cache import enable_compilation_cache
 from sid.config import run_cli
 from sid.data.tokenizer import SIDTokenizer
 from sid.eval.runner import evaluate
@@ -33,17 +34,20 @@ checkpoint that cannot be written); 2: bad input."""
 
 
 def start_run(job) -> tuple[RunDir, Tracker, Mesh]:
-    """Join a multi-process run, read `.env`, refuse what would clobber or never feed (an earlier run's checkpoints
-    without `--train.resume`, a selection no evaluation feeds), then open the run directory, W&B (first, so that a
-    W&B that was asked for and cannot log says so at once) and the mesh."""
+    """Join a multi-process run, read `.env`, turn on the persistent compilation cache (`sid.compile_cache`),
+    refuse what would clobber or never feed (an earlier run's checkpoints without `--train.resume`, a selection no
+    evaluation feeds), then open the run directory, W&B (first, so that a W&B that was asked for and cannot log
+    says so at once) and the mesh."""
     init_distributed(job.mesh)
     load_dotenv()
+    cache = enable_compilation_cache()
     check_output_dir(job.train)
     check_selection(job.train, getattr(job, "eval", None))
     run = RunDir(job.train.output_dir, job)
     tracker = Tracker(job.wandb, run=run)
     mesh = make_mesh(job.mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.devices.size, jax.devices()[0].platform)
+    log.info("compilation cache: %s", cache or "off (JAX_ENABLE_COMPILATION_CACHE=false)")
     return run, tracker, mesh
 
 

@@ -17,6 +17,7 @@ import equinox as eqx
 
 from sid.checkpoint import Checkpointer, abstract_like, error_line
 from sid.compat.hf import hf_model_dir, load_qwen2
+from sid.compile_cache import enable_compilation_cache
 from sid.config import ConfigError, load_yaml, run_cli
 from sid.data.config import TokenizerConfig
 from sid.data.dataset import dataset_dir, load_split, load_tokenizer
@@ -99,6 +100,7 @@ def run_eval(job: EvalJob) -> dict:
     """Evaluate; returns run_summary.json's content."""
     init_distributed(job.mesh)
     load_dotenv()
+    enable_compilation_cache()
     run = RunDir(job.output_dir, job, log_name="eval.log")
     tracker = Tracker(job.wandb, run=run)  # first: a W&B that was asked for and cannot log says so at once
     mesh = make_mesh(job.mesh)
