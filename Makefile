@@ -6,11 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 DEV_STAMP := $(VENV)/.dev-installed-stamp
 SID_DATA_ROOT ?= $(abspath ../shared/data)
 export SID_DATA_ROOT
-# The tests compile the same programs in many runs (in-process and in subprocesses): one persistent compilation
-# cache for all of them (sid.compile_cache), in the repository, capped so that concurrent writers take a file lock.
-TEST_CACHE := $(CURDIR)/.cache/jax-tests
-TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-	JAX_COMPILATION_CACHE_DIR=$(TEST_CACHE) JAX_COMPILATION_CACHE_MAX_SIZE=1073741824
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: install demo test test-gpu lint fmt data clean
 
@@ -67,7 +63,7 @@ data:
 	@echo "Now: export SID_DATA_ROOT=$(abspath workdir/data) and train with --data.train-file train.csv"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 include ops/ops.mk
 

@@ -14,9 +14,15 @@ if not GPU_RUN:
             os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         ).strip()
 os.environ.setdefault("SID_DATA_ROOT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+# No persistent compilation cache (sid's runs turn one on, sid.compile_cache), here or in the processes tests start:
+# tests read the HLO XLA writes while it compiles (sid.hlo), which a cache hit skips, and a test never touches the
+# user's cache. tests/test_compile_cache.py turns it on in its own processes.
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+jax.config.update("jax_enable_compilation_cache", False)  # in case jax was imported before this file set it
 
 from sid.paths import data_root  # noqa: E402
 
