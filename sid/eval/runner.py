@@ -38,14 +38,13 @@ EXPLAINED_TOP = 10
 def smallest_bucket(length: int, buckets: Sequence[int]) -> int:
     """The smallest of `buckets` that holds `length` tokens; the largest when none does (a longer prompt keeps its
     last tokens)."""
-    return next((b for b in sorted(buckets) if b >= length), max(buckets))
+    return min((b for b in buckets if b >= length), default=max(buckets))
 
 
 def bucketed_batches(prompts: list[list[int]], buckets: tuple[int, ...], batch: int, pad_id: int):
     """Yield (indices, input_ids[batch, L], mask[batch, L]): prompts left-padded to the smallest bucket that fits
     (over-long ones keep their last tokens), grouped by bucket; a short last batch repeats its first prompt (its
     results are dropped by the caller through `indices`)."""
-    buckets = tuple(sorted(buckets))
     by_bucket: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         length = smallest_bucket(len(ids), buckets)
